@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make test` and `make demo` install first when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Exact torch builds for this machine; pyproject.toml states ranges (GPU images carry others).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast demo bench lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Makes the embedded dataset on first use and trains the default stage briefly on the CPU.
+demo: install
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m ldm_train trainer.max_steps=$${STEPS:-50} \
+		trainer.accelerator=cpu
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+lint: install
+	$(BIN)/ruff check ldm_train tests benchmarks
+	$(BIN)/ruff format --check ldm_train tests benchmarks
+
+format: install
+	$(BIN)/ruff format ldm_train tests benchmarks
+	$(BIN)/ruff check --fix ldm_train tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
