@@ -1,0 +1,32 @@
+"""python -m ldm_train stage=clip|vae|unet [key=value ...]: compose the config and train."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ldm_train.config import UserError, config_dir
+from ldm_train.train import train
+
+log = logging.getLogger("ldm_train")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    with open_dict(cfg):  # in a multirun each job writes to its own folder
+        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics, _ = train(cfg)
+    except UserError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Counts the samples the loader skipped (corrupt shards, undecodable images, missing captions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+class DataHealthMonitor(L.Callback):
+    """Adds up `batch["skipped"]` and logs the running total as data/skipped (summed over ranks,
+    shown in the progress bar). The total is kept in checkpoints, so a resumed run goes on counting."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._count(batch)
+        pl_module.log(
+            "data/skipped",
+            float(self.skipped),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            sync_dist=True,
+            batch_size=1,
+        )
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._count(batch)  # shows up in the next training step's data/skipped
+
+    def _count(self, batch: Any) -> None:
+        if isinstance(batch, dict):
+            self.skipped += int(batch.get("skipped", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = state_dict["skipped"]

@@ -1,0 +1,121 @@
+"""train(cfg): build data, stage module, logger, callbacks and trainer from the config; fit."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.config import UserError, check_choice, check_keys
+from ldm_train.data.datamodule import WebDataModule
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = ("auto", "never")
+
+
+def validate(cfg: DictConfig) -> None:
+    """One-line errors for bad options, before anything is built."""
+    check_choice("resume", cfg.resume, RESUME_MODES)
+    trainer_keys = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    check_keys("trainer", [k for k in cfg.trainer if k != "_target_"], trainer_keys)
+
+
+def wandb_has_credentials() -> bool:
+    """True if W&B could log in without asking (API key in the environment or a saved login)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_logger(cfg: DictConfig) -> Logger | None:
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return None
+    if cfg.logger._target_.endswith("WandbLogger"):
+        offline = cfg.logger.get("offline")
+        if offline is None:
+            offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_has_credentials()
+        if offline:
+            log.info(
+                "W&B logs offline (no credentials); upload later with `wandb sync %s/wandb/offline-run-*`",
+                cfg.paths.run_dir,
+            )
+        # wandb must never stop to ask for a login.
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return instantiate(cfg.logger, offline=bool(offline))
+    return instantiate(cfg.logger)
+
+
+def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
+    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec]
+    if logger is None:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
+
+
+def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ckpt_path if given, else last.ckpt of this run (resume=auto)."""
+    checkpoints = run_dir / "checkpoints"
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise UserError(
+                f"ckpt_path={path} does not exist; pick a .ckpt file (e.g. in {checkpoints}) "
+                "or drop ckpt_path"
+            )
+        return str(path)
+    if cfg.resume == "never":
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            # Keep the earlier run's checkpoints, out of the way of the new run's ModelCheckpoint.
+            kept = checkpoints.with_name(f"checkpoints-{time.strftime('%Y%m%d-%H%M%S')}")
+            checkpoints.rename(kept)
+            log.info("resume=never: moved the earlier checkpoints to %s", kept)
+        return None
+    last = checkpoints / "last.ckpt"
+    if last.is_file():
+        log.info("resume=auto: continuing from %s", last)
+        return str(last)
+    return None
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    datamodule = WebDataModule.from_config(cfg.data)
+    module = instantiate(cfg.stage.module)
+    logger = build_logger(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=logger if logger is not None else False,
+        callbacks=build_callbacks(cfg, logger),
+        default_root_dir=str(run_dir),
+    )
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        log.info("stage %s: %d steps; outputs in %s", cfg.stage.name, trainer.global_step, run_dir)
+    return metrics, {
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+        "run_dir": run_dir,
+    }
