@@ -1,0 +1,135 @@
+"""The one LightningDataModule every stage trains on: image-caption WebDataset shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from braceexpand import braceexpand
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ldm_train.config import UserError, check_choice, check_keys
+from ldm_train.data.pipeline import LoaderConfig, build_pipeline
+
+log = logging.getLogger(__name__)
+
+# data.* keys that are not loader options.
+DATASET_KEYS = ("name", "root", "channels", "train_urls", "val_urls", "make_dataset")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace patterns (one string, or a list of them) -> the list of shard URLs."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in braceexpand(pattern)]
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def check_shards_exist(urls: list[str], option: str) -> None:
+    """Local shards: none found is an error; some missing is a warning (they are skipped, counted)."""
+    local = [url for url in urls if is_local(url)]
+    missing = [url for url in local if not Path(url).is_file()]
+    if local and len(missing) == len(local):
+        raise UserError(
+            f"{option}: no shard found at {urls[0]}"
+            + (f" ... {urls[-1]}" if len(urls) > 1 else "")
+            + f" ({len(urls)} expected); make them (see data/README.md) or point {option} at yours"
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d shards are missing (e.g. %s); they will be skipped",
+            option,
+            len(missing),
+            len(urls),
+            missing[0],
+        )
+
+
+class WebDataModule(L.LightningDataModule):
+    """Batches of {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [str],
+    "skipped": int} from WebDataset shards; the same for every stage."""
+
+    def __init__(
+        self,
+        train_urls: str | Sequence[str],
+        val_urls: str | Sequence[str] | None,
+        loader: LoaderConfig,
+        make_dataset: Callable[[], object] | None = None,
+    ):
+        super().__init__()
+        self.train_urls = expand_urls(train_urls)
+        self.val_urls = expand_urls(val_urls) if val_urls else []
+        self.loader = loader
+        self.make_dataset = make_dataset
+
+    @classmethod
+    def from_config(cls, data: DictConfig) -> WebDataModule:
+        """Build from the `data` config group; unknown keys and bad choices are one-line errors."""
+        options = {
+            k: v
+            for k, v in OmegaConf.to_container(data, resolve=True).items()
+            if k not in DATASET_KEYS
+        }
+        check_keys(
+            "data", options, [f.name for f in dataclasses.fields(LoaderConfig)] + list(DATASET_KEYS)
+        )
+        loader = LoaderConfig(**options)
+        check_choice("data.crop", loader.crop, ["center", "random"])
+        make = data.get("make_dataset")
+        return cls(
+            data.train_urls, data.get("val_urls"), loader, instantiate(make) if make else None
+        )
+
+    def prepare_data(self) -> None:
+        # Lightning calls this once per node before the other ranks start reading.
+        if self.make_dataset is not None:
+            self.make_dataset()
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        check_shards_exist(self.train_urls, "data.train_urls")
+        if self.val_urls:
+            check_shards_exist(self.val_urls, "data.val_urls")
+        _, world = self._rank_and_world()
+        readers = world * max(1, self.loader.num_workers)
+        if len(self.train_urls) < readers:
+            log.warning(
+                "data.train_urls has %d shard(s) for %d readers (%d rank(s) x %d worker(s)): every "
+                "reader opens every shard and keeps 1/%d of its samples, which wastes I/O; write at "
+                "least %d shards (e.g. more, smaller tars) or lower data.num_workers",
+                len(self.train_urls),
+                readers,
+                world,
+                max(1, self.loader.num_workers),
+                readers,
+                readers,
+            )
+
+    def _loader(self, urls: list[str], train: bool) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = build_pipeline(urls, self.loader, train=train, rank=rank, world_size=world)
+        workers = self.loader.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=None,  # batched inside the workers
+            num_workers=workers,
+            persistent_workers=train and workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_urls, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_urls, train=False) if self.val_urls else []
