@@ -1,0 +1,322 @@
+"""The embedded default dataset: procedural, captioned shapes written as WebDataset shards.
+
+Each image shows one shape of a named colour and size at a named position on a solid background
+of another colour; the caption spells out those attributes, so a small model can learn the
+text-to-image mapping in minutes and its samples can be checked by eye.
+
+    python -m ldm_train.data.shapes --out data/shapes-32 --image-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# Hues kept at least ~130 apart in RGB so that no two names blur together after downsampling.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 70),
+    "cyan": (40, 200, 220),
+    "blue": (40, 70, 210),
+    "purple": (170, 50, 200),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
+
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: clean anti-aliased edges even at 32 px
+SIZE_FRACTION = {"small": 0.30, "large": 0.55}  # bounding-box side / image side
+# Jitter of the centre, as a fraction of the image side; smaller for large shapes, which have
+# less room, so that "top left" and "center" never overlap.
+JITTER_FRACTION = {"small": 0.05, "large": 0.02}
+# Gap kept between a shape and the image border: 3% of the side, and at least 1.25 px so that
+# even the anti-aliased edge never touches the outermost pixels.
+BORDER_MARGIN = 0.03
+BORDER_MARGIN_PX = 1.25
+# Fixed tar mtime: makes the shards byte-identical across runs, not just their contents.
+TAR_MTIME = 0
+PARAMS_FILE = "shapes.json"  # the settings a folder was made with, to flag a stale dataset
+
+
+def sample_attributes(rng: random.Random) -> dict:
+    """Draw one attribute dict; the background colour always differs from the shape colour."""
+    colour = rng.choice(list(COLOURS))
+    return {
+        "shape": rng.choice(SHAPES),
+        "colour": colour,
+        "size": rng.choice(SIZES),
+        "position": rng.choice(POSITIONS),
+        "background": rng.choice([name for name in COLOURS if name != colour]),
+        # Unit jitter in [-1, 1], rounded so that the json round-trips exactly.
+        "jitter": [round(rng.uniform(-1.0, 1.0), 3), round(rng.uniform(-1.0, 1.0), 3)],
+    }
+
+
+def caption(attrs: dict) -> str:
+    """E.g. "a small red circle at the top left on a blue background"."""
+    position = attrs["position"]
+    where = "in the center" if position == "center" else f"at the {position}"
+    return (
+        f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {where}"
+        f" on a {attrs['background']} background"
+    )
+
+
+def _axis_centre(anchor: str, jitter: float, half_extent: float, size: str, margin: float) -> float:
+    """Centre coordinate along one axis, as a fraction of the image side.
+
+    anchor is "low", "mid" or "high"; the result keeps the whole shape inside the margin.
+    """
+    amplitude = JITTER_FRACTION[size]
+    lowest = half_extent + margin
+    if anchor == "mid":
+        nominal = 0.5
+    else:
+        # Quadrant centre, pushed inward when the shape is too large to sit there with jitter.
+        nominal = max(0.25, lowest + amplitude)
+        nominal = nominal if anchor == "low" else 1.0 - nominal
+    return min(max(nominal + amplitude * jitter, lowest), 1.0 - lowest)
+
+
+def shape_centre(attrs: dict, image_size: int) -> tuple[float, float]:
+    """(x, y) centre of the shape as fractions of the image side."""
+    position = attrs["position"]
+    vertical, _, horizontal = position.partition(" ")
+    x_anchor = {"left": "low", "right": "high"}.get(horizontal, "mid")
+    y_anchor = {"top": "low", "bottom": "high"}.get(vertical, "mid")
+    jitter_x, jitter_y = attrs.get("jitter", (0.0, 0.0))
+    half_extent = SIZE_FRACTION[attrs["size"]] / 2
+    margin = max(BORDER_MARGIN, BORDER_MARGIN_PX / image_size)
+    return (
+        _axis_centre(x_anchor, jitter_x, half_extent, attrs["size"], margin),
+        _axis_centre(y_anchor, jitter_y, half_extent, attrs["size"], margin),
+    )
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill):
+    if shape == "circle":
+        draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif shape == "square":
+        side = 0.85 * half  # a bit smaller than the circle so both look about as heavy
+        draw.rectangle((cx - side, cy - side, cx + side, cy + side), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(
+            [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)],
+            fill=fill,
+        )
+    elif shape == "cross":
+        arm = half / 3  # thick arms: a thin plus sign melts into a blob at 32 px
+        draw.rectangle((cx - half, cy - arm, cx + half, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - half, cx + arm, cy + half), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(attrs: dict, image_size: int) -> Image.Image:
+    """RGB image of side image_size for one attribute dict."""
+    canvas_size = image_size * SUPERSAMPLE
+    image = Image.new("RGB", (canvas_size, canvas_size), COLOURS[attrs["background"]])
+    centre_x, centre_y = shape_centre(attrs, image_size)
+    _draw_shape(
+        ImageDraw.Draw(image),
+        attrs["shape"],
+        centre_x * canvas_size,
+        centre_y * canvas_size,
+        SIZE_FRACTION[attrs["size"]] * canvas_size / 2,
+        COLOURS[attrs["colour"]],
+    )
+    return image.reduce(SUPERSAMPLE)  # box filter: exact area average, no ringing
+
+
+def _encode_sample(key: str, attrs: dict, image_size: int) -> dict:
+    buffer = io.BytesIO()
+    render(attrs, image_size).save(buffer, format="PNG")
+    text = caption(attrs)
+    return {
+        "__key__": key,
+        "png": buffer.getvalue(),
+        "txt": text.encode("utf-8"),
+        "json": json.dumps({**attrs, "caption": text}, sort_keys=True).encode("utf-8"),
+    }
+
+
+def shard_paths(out_dir: str | Path, split: str, num_shards: int) -> list[Path]:
+    return [Path(out_dir) / f"{split}-{index:06d}.tar" for index in range(num_shards)]
+
+
+def shards_exist(out_dir: str | Path, train_shards: int, val_shards: int) -> bool:
+    """True when out_dir holds every train and val shard."""
+    paths = shard_paths(out_dir, "train", train_shards) + shard_paths(out_dir, "val", val_shards)
+    return all(path.is_file() for path in paths)
+
+
+def _split_rng(seed: int, split: str) -> random.Random:
+    # A string seed is hashed with SHA-512: stable across runs and Python processes, and
+    # train and val get unrelated streams for every seed.
+    return random.Random(f"ldm_train.shapes/{split}/{seed}")
+
+
+def _check_counts(split: str, num_samples: int, num_shards: int) -> None:
+    if num_shards < 1 or num_samples < num_shards:
+        raise ValueError(
+            f"{split}: need at least one shard and one sample per shard, "
+            f"got {num_samples} samples for {num_shards} shards"
+        )
+
+
+def _write_split(
+    directory: Path,
+    split: str,
+    num_samples: int,
+    num_shards: int,
+    image_size: int,
+    seed: int,
+    progress_bar: tqdm,
+) -> None:
+    # One attribute stream per split, cut into shards afterwards: the samples do not depend on
+    # the number of shards.
+    rng = _split_rng(seed, split)
+    bounds = [index * num_samples // num_shards for index in range(num_shards + 1)]
+    paths = shard_paths(directory, split, num_shards)
+    for path, start, end in zip(paths, bounds[:-1], bounds[1:], strict=True):
+        with wds.TarWriter(str(path), mtime=TAR_MTIME) as writer:
+            for index in range(start, end):
+                writer.write(
+                    _encode_sample(f"{split}-{index:08d}", sample_attributes(rng), image_size)
+                )
+                progress_bar.update()
+
+
+def _warn_if_params_differ(out_dir: Path, params: dict) -> None:
+    """Existing shards win; say so when they were made with other settings (e.g. image size)."""
+    try:
+        written = json.loads((out_dir / PARAMS_FILE).read_text())
+    except (OSError, ValueError):
+        return  # made by hand or by an older version: nothing to compare
+    if written != params:
+        logger.warning(
+            "%s holds a shapes dataset made with %s, not %s; using it as it is "
+            "(delete the folder to make it again)",
+            out_dir,
+            written,
+            params,
+        )
+
+
+def _publish(tmp_dir: Path, out_dir: Path, train_shards: int, val_shards: int) -> None:
+    """Move the finished tmp_dir to out_dir in one rename, so no reader sees half a dataset."""
+    try:
+        os.replace(tmp_dir, out_dir)  # also succeeds when out_dir is an empty folder
+        return
+    except OSError:
+        if not out_dir.is_dir():
+            raise
+    if shards_exist(out_dir, train_shards, val_shards):
+        logger.info("another process wrote %s first; keeping its shards", out_dir)
+        return
+    # out_dir holds something else, e.g. a partial copy: replace the shards one by one.
+    logger.warning("%s already holds files; overwriting its shards one by one", out_dir)
+    for path in sorted(tmp_dir.iterdir()):
+        os.replace(path, out_dir / path.name)
+
+
+def make_shapes_dataset(
+    out_dir: str | Path,
+    image_size: int = 32,
+    n_train: int = 20000,
+    n_val: int = 512,
+    train_shards: int = 16,
+    val_shards: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write the shapes dataset into out_dir (train-*.tar, val-*.tar) unless it is already there.
+
+    Same arguments give byte-identical shards. Writing goes to a sibling temporary folder that
+    is renamed into place at the end, so an interrupted or concurrent run never leaves a partial
+    dataset under out_dir.
+    """
+    out_dir = Path(out_dir)
+    params = {"image_size": image_size, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if shards_exist(out_dir, train_shards, val_shards):
+        logger.info("shapes dataset already in %s", out_dir)
+        _warn_if_params_differ(out_dir, params)
+        return out_dir
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    _check_counts("train", n_train, train_shards)
+    _check_counts("val", n_val, val_shards)
+
+    logger.info("writing shapes dataset %s to %s", params, out_dir)
+    # abspath, not resolve: a symlinked out_dir stays a link, and "." still has a name.
+    absolute = Path(os.path.abspath(out_dir))
+    tmp_dir = absolute.with_name(f"{absolute.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a killed run that had our pid
+    tmp_dir.mkdir(parents=True)
+    try:
+        with tqdm(total=n_train + n_val, desc="shapes", unit="img", disable=not progress) as bar:
+            _write_split(tmp_dir, "train", n_train, train_shards, image_size, seed, bar)
+            _write_split(tmp_dir, "val", n_val, val_shards, image_size, seed, bar)
+        (tmp_dir / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True) + "\n")
+        _publish(tmp_dir, out_dir, train_shards, val_shards)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _brace_pattern(out_dir: Path, split: str, num_shards: int) -> str:
+    if num_shards == 1:
+        return str(out_dir / f"{split}-000000.tar")
+    return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm_train.data.shapes",
+        description="Write the procedural shapes dataset as WebDataset shards.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-val", type=int, default=512)
+    parser.add_argument("--train-shards", type=int, default=16)
+    parser.add_argument("--val-shards", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out_dir = make_shapes_dataset(
+        args.out,
+        image_size=args.image_size,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        train_shards=args.train_shards,
+        val_shards=args.val_shards,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    train_urls = _brace_pattern(out_dir, "train", args.train_shards)
+    val_urls = _brace_pattern(out_dir, "val", args.val_shards)
+    print(f"shapes dataset in {out_dir}: train {train_urls}, val {val_urls}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
