@@ -1,0 +1,112 @@
+"""The config tree composes for every stage, presets follow the data, bad options are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm_train.config import UserError, compose_config, config_dir
+from ldm_train.data.datamodule import WebDataModule, expand_urls
+from ldm_train.train import resolve_ckpt_path, validate
+
+STAGES = ["clip", "vae", "unet"]
+
+
+def test_config_dir_is_the_checkouts_conf():
+    assert (config_dir() / "config.yaml").is_file()
+    for group in [
+        "stage",
+        "model",
+        "data",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+    ]:
+        assert (config_dir() / group).is_dir(), group
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_composes_and_builds(stage, make_cfg):
+    cfg = make_cfg(f"stage={stage}")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.stage.name == stage
+    assert cfg.paths.run_dir.endswith(f"shapes/{stage}")
+    validate(cfg)
+    module = instantiate(cfg.stage.module)
+    assert sum(p.numel() for p in module.parameters()) > 10_000
+    assert WebDataModule.from_config(cfg.data).loader.batch_size == 8
+
+
+def test_model_presets_take_sizes_from_data():
+    sizes = {
+        "clip": lambda c: c.model.net.vision_cfg.image_size,
+        "vae": lambda c: c.model.net.sample_size,
+        "unet": lambda c: c.model.net.sample_size,
+    }
+    for stage, size in sizes.items():
+        cfg = compose_config([f"stage={stage}", "data.image_size=48"])
+        assert size(cfg) == 48
+        assert cfg.data.root.endswith("shapes-48")  # the embedded dataset is made at that size
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = compose_config([])
+    assert cfg.stage.name == "clip" and cfg.data.name == "shapes"
+    assert cfg.experiment_name == "shapes" and cfg.resume == "auto" and cfg.ckpt_path is None
+    assert cfg.logger._target_.endswith("WandbLogger")
+    assert cfg.callbacks.checkpoint.every_n_train_steps == cfg.checkpoint_every_n_steps
+    assert len(expand_urls(cfg.data.train_urls)) == cfg.data.make_dataset.train_shards
+    assert len(expand_urls(cfg.data.val_urls)) == cfg.data.make_dataset.val_shards
+
+
+@pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "none"])
+def test_logger_choices_compose(logger):
+    cfg = compose_config([f"logger={logger}"])
+    assert (logger == "none") == (not cfg.logger)
+
+
+def test_experiment_overrides_only_what_changes():
+    base, exp = compose_config([]), compose_config(["experiment=shapes_64"])
+    assert exp.data.image_size == 64 and exp.experiment_name == "shapes-64"
+    assert exp.paths.run_dir == "outputs/shapes-64/clip"
+    assert exp.model.lr == base.model.lr and exp.seed == base.seed
+
+
+def test_unknown_stage_lists_the_valid_ones():
+    with pytest.raises(MissingConfigException) as error:
+        compose_config(["stage=diffusion"])
+    assert all(stage in str(error.value) for stage in STAGES)
+
+
+def test_unknown_trainer_option_lists_valid_ones():
+    cfg = compose_config(["+trainer.max_stepz=3"])
+    with pytest.raises(
+        UserError, match=r"trainer\.max_stepz \(did you mean trainer\.max_steps\?\).*precision"
+    ):
+        validate(cfg)
+
+
+def test_bad_resume_mode_is_a_one_line_error():
+    with pytest.raises(UserError, match="resume='sometimes'.*auto, never"):
+        validate(compose_config(["resume=sometimes"]))
+
+
+def test_missing_ckpt_path_names_the_path(tmp_path):
+    cfg = compose_config([f"ckpt_path={tmp_path}/nope.ckpt"])
+    with pytest.raises(UserError, match=f"{tmp_path}/nope.ckpt does not exist"):
+        resolve_ckpt_path(cfg, tmp_path)
+
+
+def test_resume_auto_finds_last_and_never_keeps_old_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path(compose_config([]), tmp_path) == str(checkpoints / "last.ckpt")
+    assert resolve_ckpt_path(compose_config(["resume=never"]), tmp_path) is None
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints-")]
+    assert len(moved) == 1 and (moved[0] / "last.ckpt").is_file()  # nothing is lost
+    assert not checkpoints.exists()
