@@ -20,7 +20,7 @@ from ldm_train.data.pipeline import LoaderConfig, build_pipeline
 log = logging.getLogger(__name__)
 
 # data.* keys that are not loader options.
-DATASET_KEYS = ("name", "root", "channels", "train_urls", "val_urls", "make_dataset")
+DATASET_KEYS = ("name", "root", "channels", "train_urls", "val_urls", "make_dataset", "zero_shot")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -55,7 +55,7 @@ def check_shards_exist(urls: list[str], option: str) -> None:
 
 class WebDataModule(L.LightningDataModule):
     """Batches of {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [str],
-    "skipped": int} from WebDataset shards; the same for every stage."""
+    "meta": [dict], "skipped": int} from WebDataset shards; the same for every stage."""
 
     def __init__(
         self,

@@ -2,7 +2,8 @@
 
 Training streams never end (shards are reshuffled and reread, and `with_epoch` cuts a fixed number of
 batches per epoch, so every DDP rank runs the same number of steps); validation is one finite,
-deterministic pass. Bad data is skipped and counted, never a crash: each batch carries in
+deterministic pass. A batch is {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [str],
+"meta": [dict] (the sample's json, {} if none), "skipped": int}. Bad data is skipped and counted, never a crash: each batch carries in
 `batch["skipped"]` how many samples its worker dropped since the previous batch.
 """
 
@@ -180,16 +181,22 @@ def image_transform(cfg: LoaderConfig, train: bool) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def read_caption(sample: dict, caption_keys: Sequence[str]) -> str | None:
-    """The first caption key present (bytes -> UTF-8), else a json's "caption"; None if neither."""
+def read_meta(sample: dict) -> dict:
+    """The sample's json as a dict; {} when absent or unreadable (metadata is optional)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_caption(sample: dict, caption_keys: Sequence[str], meta: dict) -> str | None:
+    """The first caption key present (bytes -> UTF-8), else the json's "caption"; None if neither."""
     for key in caption_keys:
         if key in sample:
             return sample[key].decode("utf-8").strip()
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            return meta["caption"].strip()
-    return None
+    caption = meta.get("caption")
+    return caption.strip() if isinstance(caption, str) else None
 
 
 def decode_samples(
@@ -207,10 +214,11 @@ def decode_samples(
         if image_key is None:
             stats.skip("missing image", where)
             continue
+        meta = read_meta(sample)
         try:
-            caption = read_caption(sample, cfg.caption_keys)
-        except (UnicodeDecodeError, ValueError) as error:
-            stats.skip("caption not UTF-8 or bad json", where, error)
+            caption = read_caption(sample, cfg.caption_keys, meta)
+        except UnicodeDecodeError as error:
+            stats.skip("caption not UTF-8", where, error)
             continue
         if caption is None:
             stats.skip("missing caption", where)
@@ -226,7 +234,7 @@ def decode_samples(
             stats.skip("undecodable image", where, error)
             continue
         stats.ok += 1
-        yield {"image": image, "caption": caption, "key": sample.get("__key__", "")}
+        yield {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 
 
 def collate(samples: list[dict]) -> dict[str, Any]:
@@ -234,6 +242,7 @@ def collate(samples: list[dict]) -> dict[str, Any]:
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
     }
 
 

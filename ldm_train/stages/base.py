@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -31,3 +32,8 @@ class StageModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def export(self, out_dir: Path) -> Path | None:
+        """Write what later stages and users load (e.g. a diffusers or open_clip folder) into
+        out_dir and return it; None when the stage has nothing to export yet."""
+        return None
