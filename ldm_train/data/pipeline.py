@@ -13,7 +13,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,8 @@ from torchvision.transforms import v2
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS_PER_REASON = 5
+# A reader that has decoded nothing after this many samples is reading a broken configuration.
+NO_VALID_SAMPLE_LIMIT = 1000
 
 
 class NoValidSamplesError(RuntimeError):
@@ -57,7 +58,8 @@ class LoaderConfig:
 class StreamStats:
     """Per-worker counts of what went through and what was skipped, and why."""
 
-    ok: int = 0
+    read: int = 0  # samples read from the tars (before the split, shuffle and decoding)
+    ok: int = 0  # samples decoded into a usable image and caption
     skipped: Counter = field(default_factory=Counter)
     _reported: int = 0
 
@@ -94,8 +96,9 @@ class ShardStream(IterableDataset):
     """Shard URLs for this rank and worker: the pipeline's explicit node and worker splitter.
 
     With at least one shard per reader, readers take disjoint shards. With fewer, every reader opens
-    every shard and `SampleSplit` keeps a disjoint share of the samples, so no reader sits idle.
-    Training passes repeat forever, each in a new seeded order; every pass must yield a sample.
+    every shard and `split_samples` keeps a disjoint share of the samples, so no reader sits idle.
+    Training passes repeat forever, each in a new seeded order; a pass that reads no sample at all
+    (every shard missing or corrupt) is an error, not an endless loop.
     """
 
     def __init__(
@@ -117,16 +120,26 @@ class ShardStream(IterableDataset):
             if self.train:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             mine = order[slot::slots] if len(order) >= slots else order
-            ok_before = self.stats.ok
+            read_before = self.stats.read
             for url in mine:
                 yield {"url": url}
-            if self.stats.ok == ok_before:
-                split = "data.train_urls" if self.train else "data.val_urls"
-                raise NoValidSamplesError(
-                    f"no valid sample in a whole pass over {self.urls} (reader {slot} of {slots}); "
-                    f"skipped: {dict(self.stats.skipped) or 'nothing'}; check {split}, "
-                    "data.image_keys and data.caption_keys"
-                )
+            # Pull-based: every sample of this pass has been read from its tar by now.
+            if self.stats.read == read_before:
+                raise no_valid_samples(self.urls, self.train, self.stats)
+
+
+def no_valid_samples(urls: Sequence[str], train: bool, stats: StreamStats) -> NoValidSamplesError:
+    option = "data.train_urls" if train else "data.val_urls"
+    return NoValidSamplesError(
+        f"no valid sample in {list(urls)}; skipped: {dict(stats.skipped) or 'nothing'}; "
+        f"check {option}, data.image_keys and data.caption_keys"
+    )
+
+
+def count_read(samples: Iterator[dict], stats: StreamStats) -> Iterator[dict]:
+    for sample in samples:
+        stats.read += 1
+        yield sample
 
 
 def split_samples(
@@ -156,7 +169,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # PIL's convert("RGB") clips high-bit-depth greys instead of scaling them.
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        peak = float(array.max()) if array.size else 0.0
+        # The bit depth the values fit, not their own maximum (a dark image must stay dark).
+        top = next((t for t in (255.0, 65535.0) if peak <= t), peak)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -200,7 +217,11 @@ def read_caption(sample: dict, caption_keys: Sequence[str], meta: dict) -> str |
 
 
 def decode_samples(
-    samples: Iterator[dict], cfg: LoaderConfig, train: bool, stats: StreamStats
+    samples: Iterator[dict],
+    cfg: LoaderConfig,
+    train: bool,
+    stats: StreamStats,
+    urls: Sequence[str] = (),
 ) -> Iterator[dict]:
     """Raw tar members -> {"image", "caption", "key"}; undecodable or incomplete samples are skipped.
 
@@ -208,7 +229,11 @@ def decode_samples(
     every PIL mode made RGB, and a count per reason for what is skipped.
     """
     transform = image_transform(cfg, train)
+    attempts = 0
     for sample in samples:
+        attempts += 1
+        if stats.ok == 0 and attempts > NO_VALID_SAMPLE_LIMIT:
+            raise no_valid_samples(urls, train, stats)  # an endless training stream of bad samples
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         image_key = next((k for k in cfg.image_keys if k in sample), None)
         if image_key is None:
@@ -235,6 +260,8 @@ def decode_samples(
             continue
         stats.ok += 1
         yield {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
+    if attempts and stats.ok == 0:
+        raise no_valid_samples(urls, train, stats)
 
 
 def collate(samples: list[dict]) -> dict[str, Any]:
@@ -262,6 +289,7 @@ def build_pipeline(
     stages: list[Any] = [
         ShardStream(urls, rank, world_size, cfg.seed, train, stats),
         wds.tarfile_to_samples(handler=stats.shard_error),
+        wds.pipelinefilter(count_read)(stats),
         wds.pipelinefilter(split_samples)(rank, world_size, len(urls) < readers),
     ]
     if train and cfg.shuffle_buffer > 1:
@@ -269,12 +297,31 @@ def build_pipeline(
             wds.pipelinefilter(seeded_shuffle)(cfg.shuffle_buffer, cfg.seed, rank, world_size)
         )
     stages += [
-        wds.pipelinefilter(decode_samples)(cfg, train, stats),
+        wds.pipelinefilter(decode_samples)(cfg, train, stats, list(urls)),
         wds.batched(batch_size, collation_fn=collate, partial=not train),
         wds.pipelinefilter(attach_skip_count)(stats),
     ]
     pipeline = wds.DataPipeline(*stages)
-    if train:
-        # with_epoch counts per worker: split the rank's batches over its workers.
-        pipeline = pipeline.with_epoch(math.ceil(cfg.batches_per_epoch / max(1, cfg.num_workers)))
-    return pipeline
+    return EpochSlices(pipeline, cfg.batches_per_epoch) if train else pipeline
+
+
+class EpochSlices(IterableDataset):
+    """Cuts one endless stream into epochs of `batches` batches per rank.
+
+    Not wds's with_epoch: that starts the stream afresh at every epoch, so each epoch would replay
+    the first one. Here the stream lives on between epochs (in persistent DataLoader workers, or in
+    this object without workers), and the rank's batches are split exactly over its workers.
+    """
+
+    def __init__(self, pipeline: wds.DataPipeline, batches: int):
+        self.pipeline, self.batches = pipeline, batches
+        self._stream: Iterator[dict] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._stream is None:
+            self._stream = iter(self.pipeline)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.batches // workers + (worker < self.batches % workers)
+        for _ in range(mine):
+            yield next(self._stream)
