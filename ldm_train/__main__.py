@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -12,8 +11,6 @@ from omegaconf import DictConfig, open_dict
 from ldm_train.config import UserError, config_dir
 from ldm_train.train import train
 
-log = logging.getLogger("ldm_train")
-
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -21,8 +18,8 @@ def main(cfg: DictConfig) -> float | None:
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics, _ = train(cfg)
-    except UserError as error:
-        log.error("%s", error)
+    except UserError as error:  # the user's mistake: one line, no traceback
+        print(f"ldm_train: error: {error}", file=sys.stderr)
         sys.exit(2)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None

@@ -1,0 +1,105 @@
+"""The real CLI end to end (subprocesses): a fresh directory, the default dataset made on first use,
+W&B offline without a prompt, one-line errors, a 2-job multirun, and an installed wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = [
+    "trainer.max_steps=2",
+    "data.batches_per_epoch=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    # A smaller embedded dataset than the default, made the same way.
+    "data.make_dataset.n_train=512",
+    "data.make_dataset.n_val=64",
+]
+
+
+def run(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
+
+
+def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path):
+    # No W&B credentials, no WANDB_MODE, no stdin: must run offline without asking anything.
+    result = run(["-m", "ldm_train", "stage=vae", *QUICK], tmp_path, {"HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "shapes" / "vae"
+    assert f"outputs in {run_dir}" in result.stdout + result.stderr
+    assert (tmp_path / "data" / "shapes-32" / "train-000015.tar").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_unknown_stage_lists_valid_stages(tmp_path):
+    result = run(["-m", "ldm_train", "stage=difusion"], tmp_path)
+    assert result.returncode != 0
+    assert all(stage in result.stderr for stage in ("clip", "unet", "vae"))
+
+
+def test_user_error_is_one_line_with_exit_code_2(tmp_path):
+    result = run(["-m", "ldm_train", "resume=sometimes", "logger=none"], tmp_path)
+    assert result.returncode == 2
+    assert "resume='sometimes' is not valid; choose one of: auto, never" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_multirun_gives_each_job_its_own_resumable_directory(tmp_path):
+    args = ["-m", "ldm_train", "-m", "stage=vae", "model.lr=0.001,0.0003", "logger=csv", *QUICK]
+    result = run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "shapes" / "vae-multirun"
+    # Each job's folder is named after its overrides, so rerunning the sweep finds it again.
+    jobs = [p.name for p in sweep.iterdir() if (p / "checkpoints" / "last.ckpt").is_file()]
+    assert len(jobs) == 2
+    assert sorted("model.lr=0.0003" in job for job in jobs) == [False, True]
+
+
+def test_installed_wheel_finds_its_config(tmp_path):
+    build = run(
+        [
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("ldm_train-*.whl"))
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = (
+        "from ldm_train.config import config_dir, compose_config; "
+        "print(config_dir()); print(compose_config(['stage=unet']).stage.name)"
+    )
+    result = run(["-c", code], tmp_path, {"PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    where, stage = result.stdout.split()
+    assert Path(where) == tmp_path / "site" / "ldm_train" / "conf" and stage == "unet"
