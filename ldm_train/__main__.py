@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ldm_train.config import UserError, config_dir
+from ldm_train.config import UserError, check_overrides, config_dir
 from ldm_train.train import train
 
 
@@ -25,5 +25,14 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(objective) if objective else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as error:
+        print(f"ldm_train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

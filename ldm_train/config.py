@@ -7,7 +7,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
 
 class UserError(Exception):
@@ -42,7 +45,36 @@ def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None
     for key in given:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+            prefix = "" if section == "config" else f"{section}."
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise UserError(
-                f"unknown option {section}.{key}{hint}; valid options: {', '.join(valid)}"
+                f"unknown option {prefix}{key}{hint}; valid options: {', '.join(valid)}"
             )
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Before Hydra runs: an override of a key that does not exist is a UserError that lists the
+    valid keys at that level (Hydra itself only says the key is not in the struct)."""
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return  # Hydra reports syntax errors itself
+    groups = [o for o in overrides if (config_dir() / o.key_or_group.split("@")[0]).is_dir()]
+    if any(o.is_sweep_override() for o in groups):
+        return  # one config per sweep job: Hydra checks each
+    try:
+        cfg = compose_config([o.input_line for o in groups])
+    except HydraException:
+        return  # a bad group choice: Hydra lists the valid ones itself
+    for override in overrides:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or override in groups or key.startswith("hydra"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf not in node:
+            try:
+                check_keys(parent or "config", [leaf], [str(k) for k in node])
+            except UserError as error:
+                raise UserError(f"{error}; to add a new key write +{key}=...") from None

@@ -7,7 +7,7 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ldm_train.config import UserError, compose_config, config_dir
+from ldm_train.config import UserError, check_overrides, compose_config, config_dir
 from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.train import resolve_ckpt_path, validate
 
@@ -110,3 +110,20 @@ def test_resume_auto_finds_last_and_never_keeps_old_checkpoints(tmp_path):
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints-")]
     assert len(moved) == 1 and (moved[0] / "last.ckpt").is_file()  # nothing is lost
     assert not checkpoints.exists()
+
+
+def test_unknown_override_lists_the_valid_keys_at_its_level():
+    with pytest.raises(
+        UserError, match=r"model\.kl_wieght \(did you mean model\.kl_weight\?\).*lr"
+    ):
+        check_overrides(["stage=vae", "model.kl_wieght=1"])
+    with pytest.raises(UserError, match=r"seeed \(did you mean seed\?\).*\+seeed="):
+        check_overrides(["seeed=3"])
+
+
+def test_valid_overrides_pass_the_check():
+    check_overrides(
+        ["stage=vae", "model.kl_weight=1", "data.image_size=64", "+trainer.profiler=simple"]
+    )
+    check_overrides(["stage=vae,clip", "model.lr=1e-3,3e-4"])  # sweeps: Hydra checks each job
+    check_overrides(["experiment=shapes_64", "trainer.max_steps=3", "--cfg", "job"])
