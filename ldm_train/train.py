@@ -90,6 +90,10 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
+    if cfg.stage.name == "all":  # the chain clip -> vae -> unet, each stage's export feeding the next
+        from ldm_train.chain import train_chain
+
+        return train_chain(cfg)
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
