@@ -13,6 +13,7 @@ from braceexpand import braceexpand
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.pipeline import LoaderConfig, build_pipeline
@@ -20,7 +21,16 @@ from ldm_train.data.pipeline import LoaderConfig, build_pipeline
 log = logging.getLogger(__name__)
 
 # data.* keys that are not loader options.
-DATASET_KEYS = ("name", "root", "channels", "train_urls", "val_urls", "make_dataset", "zero_shot")
+DATASET_KEYS = (
+    "name",
+    "root",
+    "channels",
+    "train_urls",
+    "val_urls",
+    "make_dataset",
+    "zero_shot",
+    "prompts",
+)
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -51,6 +61,36 @@ def check_shards_exist(urls: list[str], option: str) -> None:
             len(urls),
             missing[0],
         )
+
+
+class TrainLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, whose state is that of the last batch Lightning trained on.
+
+    Lightning fetches one batch ahead of the step it runs (to know whether it is the last), so the
+    loader's own state is one batch ahead of the checkpoint; this keeps the state from before the
+    latest fetch.
+    """
+
+    _state_before_fetch: dict | None = None
+
+    def __iter__(self):
+        return self._tracked(super().__iter__())
+
+    def _tracked(self, batches):
+        while True:
+            self._state_before_fetch = super().state_dict()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self._state_before_fetch or super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._state_before_fetch = None
+        super().load_state_dict(state_dict)
 
 
 class WebDataModule(L.LightningDataModule):
@@ -120,7 +160,10 @@ class WebDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         dataset = build_pipeline(urls, self.loader, train=train, rank=rank, world_size=world)
         workers = self.loader.num_workers
-        return DataLoader(
+        # Training: torchdata's StatefulDataLoader gathers each worker's stream position with every
+        # batch, and Lightning stores it in checkpoints, so a resumed run sees the same data.
+        loader = TrainLoader if train else DataLoader
+        return loader(
             dataset,
             batch_size=None,  # batched inside the workers
             num_workers=workers,

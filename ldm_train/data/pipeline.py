@@ -1,10 +1,17 @@
 """The WebDataset pipeline every stage reads: shards -> samples -> decoded, transformed batches.
 
-Training streams never end (shards are reshuffled and reread, and `with_epoch` cuts a fixed number of
-batches per epoch, so every DDP rank runs the same number of steps); validation is one finite,
-deterministic pass. A batch is {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [str],
-"meta": [dict] (the sample's json, {} if none), "skipped": int}. Bad data is skipped and counted, never a crash: each batch carries in
-`batch["skipped"]` how many samples its worker dropped since the previous batch.
+A batch is {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [str], "meta": [dict]
+(the sample's json, {} if none), "skipped": int}. Bad data is skipped and counted, never a crash:
+`batch["skipped"]` says how many samples its reader dropped since its previous batch.
+
+Training: every reader (a DDP rank x DataLoader worker) reads an endless stream made of passes over
+the shards. Each pass reshuffles the shard order and the samples (a shuffle buffer that starts
+afresh each pass), all seeded, so the stream is a pure function of the seed and the reader's place.
+It is cut into epochs of `batches_per_epoch` batches per rank, so every rank runs the same number
+of steps. Its position (pass, samples taken in the pass, batches in the epoch) is checkpointable:
+a resumed run replays the current pass's raw samples without decoding them and goes on with
+exactly the batches the uninterrupted run would have seen. Validation is one finite,
+deterministic pass.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -61,9 +68,12 @@ class StreamStats:
     read: int = 0  # samples read from the tars (before the split, shuffle and decoding)
     ok: int = 0  # samples decoded into a usable image and caption
     skipped: Counter = field(default_factory=Counter)
+    replaying: bool = False  # re-reading what a resumed run already counted
     _reported: int = 0
 
     def skip(self, reason: str, where: str, error: BaseException | None = None) -> None:
+        if self.replaying:
+            return
         self.skipped[reason] += 1
         if self.skipped[reason] <= MAX_WARNINGS_PER_REASON:
             detail = f": {type(error).__name__}: {error}" if error is not None else ""
@@ -84,48 +94,19 @@ class StreamStats:
         new, self._reported = total - self._reported, total
         return new
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "skipped": dict(self.skipped), "reported": self._reported}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ok, self.skipped = state["ok"], Counter(state["skipped"])
+        self._reported = state["reported"]
+
 
 def worker_slot(rank: int, world_size: int) -> tuple[int, int]:
     """This process's place among all readers: (index, count) over ranks x dataloader workers."""
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * workers + worker, world_size * workers
-
-
-class ShardStream(IterableDataset):
-    """Shard URLs for this rank and worker: the pipeline's explicit node and worker splitter.
-
-    With at least one shard per reader, readers take disjoint shards. With fewer, every reader opens
-    every shard and `split_samples` keeps a disjoint share of the samples, so no reader sits idle.
-    Training passes repeat forever, each in a new seeded order; a pass that reads no sample at all
-    (every shard missing or corrupt) is an error, not an endless loop.
-    """
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        rank: int,
-        world_size: int,
-        seed: int,
-        train: bool,
-        stats: StreamStats,
-    ):
-        self.urls, self.rank, self.world_size = list(urls), rank, world_size
-        self.seed, self.train, self.stats = seed, train, stats
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        slot, slots = worker_slot(self.rank, self.world_size)
-        for epoch in itertools.count() if self.train else [0]:
-            order = list(self.urls)
-            if self.train:
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            mine = order[slot::slots] if len(order) >= slots else order
-            read_before = self.stats.read
-            for url in mine:
-                yield {"url": url}
-            # Pull-based: every sample of this pass has been read from its tar by now.
-            if self.stats.read == read_before:
-                raise no_valid_samples(self.urls, self.train, self.stats)
 
 
 def no_valid_samples(urls: Sequence[str], train: bool, stats: StreamStats) -> NoValidSamplesError:
@@ -136,32 +117,158 @@ def no_valid_samples(urls: Sequence[str], train: bool, stats: StreamStats) -> No
     )
 
 
-def count_read(samples: Iterator[dict], stats: StreamStats) -> Iterator[dict]:
-    for sample in samples:
-        stats.read += 1
-        yield sample
-
-
-def split_samples(
-    samples: Iterator[dict], rank: int, world_size: int, enabled: bool
+def read_pass(
+    urls: Sequence[str],
+    slot: int,
+    slots: int,
+    stats: StreamStats,
+    order_seed: str | None = None,
+    shuffle_buffer: int = 0,
 ) -> Iterator[dict]:
-    """Keep every n-th sample for this reader when readers share shards (see ShardStream)."""
-    if not enabled:
-        yield from samples
-        return
-    slot, slots = worker_slot(rank, world_size)
+    """Raw samples of one pass for reader `slot` of `slots` (the explicit node and worker split).
+
+    With at least one shard per reader, readers take disjoint shards; with fewer, every reader opens
+    every shard and keeps every `slots`-th sample, so no reader sits idle. order_seed shuffles the
+    shard order and seeds the sample shuffle buffer (None: file order, no shuffle).
+    """
+    order = list(urls)
+    if order_seed is not None:
+        random.Random(f"{order_seed}-shards").shuffle(order)
+    by_sample = len(order) < slots
+    mine = order if by_sample else order[slot::slots]
+    samples = wds.tariterators.tarfile_samples(
+        ({"url": url} for url in mine), handler=stats.shard_error
+    )
+    read_before = stats.read
+    kept = count_and_split(samples, stats, slot, slots, by_sample)
+    if order_seed is not None and shuffle_buffer > 1:
+        rng = random.Random(f"{order_seed}-samples-{slot}")
+        kept = wds.filters._shuffle(kept, shuffle_buffer, min(shuffle_buffer, 100), rng=rng)
+    yield from kept
+    # Pull-based: every sample of the pass has been read from its tar by now.
+    if stats.read == read_before and not stats.replaying:
+        raise no_valid_samples(urls, order_seed is not None, stats)
+
+
+def count_and_split(
+    samples: Iterator[dict], stats: StreamStats, slot: int, slots: int, by_sample: bool
+) -> Iterator[dict]:
     for index, sample in enumerate(samples):
-        if index % slots == slot:
+        stats.read += 1
+        if not by_sample or index % slots == slot:
             yield sample
 
 
-def seeded_shuffle(
-    samples: Iterator[dict], bufsize: int, seed: int, rank: int, world_size: int
-) -> Iterator[dict]:
-    """wds.shuffle with a seed of its own per reader (one seed for all would shuffle alike)."""
-    slot, _ = worker_slot(rank, world_size)
-    rng = random.Random(seed * 7919 + slot)
-    yield from wds.filters._shuffle(samples, bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+@dataclass
+class StreamPosition:
+    """Where a training reader is in its endless stream."""
+
+    pass_index: int = 0  # which pass over the shards
+    taken_in_pass: int = 0  # raw samples of this pass taken for decoding (used or skipped)
+    epoch_batches: int = 0  # batches yielded in the current epoch
+
+
+class TrainStream(IterableDataset):
+    """One reader's endless, seeded stream of training batches, cut into epochs.
+
+    Not wds's with_epoch: that starts the stream afresh at every epoch, so each epoch would replay
+    the first one. Here the stream lives on between epochs (in persistent DataLoader workers, or in
+    this object without workers), the rank's batches are split exactly over its workers, and
+    state_dict/load_state_dict (called in each worker by torchdata's StatefulDataLoader) carry the
+    position across a resume.
+    """
+
+    def __init__(self, urls: Sequence[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+        self.urls, self.cfg, self.rank, self.world_size = list(urls), cfg, rank, world_size
+        self.stats = StreamStats()
+        self.position = StreamPosition()
+        self._batches: Iterator[dict] | None = None
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": asdict(self.position), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = StreamPosition(**state["position"])
+        self.stats.load_state_dict(state["stats"])
+        self._batches = None  # rebuilt from the position on the next iter()
+        self._restored = True
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        per_epoch = self.cfg.batches_per_epoch
+        mine = per_epoch // workers + (worker < per_epoch % workers)
+        if self._batches is None:
+            self._batches = self._batch_stream()
+        restored, self._restored = self._restored, False
+        if self.position.epoch_batches >= mine:
+            if restored:
+                return  # saved at the end of an epoch: its remainder is empty
+            self.position.epoch_batches = 0  # the previous epoch is done: a new one
+        while self.position.epoch_batches < mine:
+            batch = next(self._batches)
+            self.position.epoch_batches += 1  # before the yield: the worker's state includes it
+            yield batch
+
+    def _samples(self) -> Iterator[dict]:
+        slot, slots = worker_slot(self.rank, self.world_size)
+        transform = image_transform(self.cfg, train=True)
+        position, attempts = self.position, 0
+        for pass_index in itertools.count(position.pass_index):
+            if pass_index != position.pass_index:
+                position.pass_index, position.taken_in_pass = pass_index, 0
+            order_seed = f"{self.cfg.seed}-{self.rank}-pass{pass_index}"
+            raw = read_pass(self.urls, slot, slots, self.stats, order_seed, self.cfg.shuffle_buffer)
+            if position.taken_in_pass:  # resuming: skip what was taken, without decoding it
+                self.stats.replaying = True
+                for _ in itertools.islice(raw, position.taken_in_pass):
+                    pass
+                self.stats.replaying = False
+            for sample in raw:
+                position.taken_in_pass += 1
+                attempts += 1
+                # Augmentation drawn from the sample's place in the stream, not a global RNG.
+                rng = random.Random(f"{order_seed}-{slot}-{position.taken_in_pass}")
+                decoded = decode_sample(sample, self.cfg, transform, self.stats, rng)
+                if decoded is not None:
+                    yield decoded
+                elif self.stats.ok == 0 and attempts > NO_VALID_SAMPLE_LIMIT:
+                    raise no_valid_samples(self.urls, True, self.stats)
+
+    def _batch_stream(self) -> Iterator[dict]:
+        batch: list[dict] = []
+        for sample in self._samples():
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch, self.stats)
+                batch = []
+
+
+class ValStream(IterableDataset):
+    """One finite, deterministic pass over the validation shards (this reader's share)."""
+
+    def __init__(self, urls: Sequence[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+        self.urls, self.cfg, self.rank, self.world_size = list(urls), cfg, rank, world_size
+        self.stats = StreamStats()
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = worker_slot(self.rank, self.world_size)
+        transform = image_transform(self.cfg, train=False)
+        batch_size = self.cfg.val_batch_size or self.cfg.batch_size
+        batch, attempts = [], 0
+        for sample in read_pass(self.urls, slot, slots, self.stats):
+            attempts += 1
+            decoded = decode_sample(sample, self.cfg, transform, self.stats)
+            if decoded is not None:
+                batch.append(decoded)
+            if len(batch) == batch_size:
+                yield collate(batch, self.stats)
+                batch = []
+        if batch:
+            yield collate(batch, self.stats)
+        if attempts and self.stats.ok == 0:
+            raise no_valid_samples(self.urls, False, self.stats)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -185,11 +292,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_transform(cfg: LoaderConfig, train: bool) -> v2.Compose:
-    """Shorter side to image_size (small images are upscaled), crop, flip, scale to [-1, 1]."""
-    crop = v2.RandomCrop if (train and cfg.crop == "random") else v2.CenterCrop
-    steps: list[Any] = [v2.Resize(cfg.image_size, antialias=True), crop(cfg.image_size)]
-    if train and cfg.random_flip:
-        steps.append(v2.RandomHorizontalFlip())
+    """Shorter side to image_size (small images are upscaled), centre crop unless training with
+    random crops (see augment), scale to [-1, 1]."""
+    steps: list[Any] = [v2.Resize(cfg.image_size, antialias=True)]
+    if not (train and cfg.crop == "random"):
+        steps.append(v2.CenterCrop(cfg.image_size))
     steps += [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -216,112 +323,74 @@ def read_caption(sample: dict, caption_keys: Sequence[str], meta: dict) -> str |
     return caption.strip() if isinstance(caption, str) else None
 
 
-def decode_samples(
-    samples: Iterator[dict],
+def decode_sample(
+    sample: dict,
     cfg: LoaderConfig,
-    train: bool,
+    transform: v2.Compose,
     stats: StreamStats,
-    urls: Sequence[str] = (),
-) -> Iterator[dict]:
-    """Raw tar members -> {"image", "caption", "key"}; undecodable or incomplete samples are skipped.
+    rng: random.Random | None = None,
+) -> dict | None:
+    """Raw tar members -> {"image", "caption", "key", "meta"}, or None (skipped and counted).
 
     Decoding by hand rather than with wds.decode: we need one image out of several candidate keys,
-    every PIL mode made RGB, and a count per reason for what is skipped.
+    every PIL mode made RGB, and a count per reason for what is skipped. rng (training only) draws
+    the random crop and flip.
     """
-    transform = image_transform(cfg, train)
-    attempts = 0
-    for sample in samples:
-        attempts += 1
-        if stats.ok == 0 and attempts > NO_VALID_SAMPLE_LIMIT:
-            raise no_valid_samples(urls, train, stats)  # an endless training stream of bad samples
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        image_key = next((k for k in cfg.image_keys if k in sample), None)
-        if image_key is None:
-            stats.skip("missing image", where)
-            continue
-        meta = read_meta(sample)
-        try:
-            caption = read_caption(sample, cfg.caption_keys, meta)
-        except UnicodeDecodeError as error:
-            stats.skip("caption not UTF-8", where, error)
-            continue
-        if caption is None:
-            stats.skip("missing caption", where)
-            continue
-        if not caption:
-            stats.skip("empty caption", where)
-            continue
-        try:
-            with Image.open(io.BytesIO(sample[image_key])) as raw:
-                raw.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at reduced size
-                image = transform(to_rgb(raw))
-        except Exception as error:  # PIL raises many types (incl. DecompressionBombError)
-            stats.skip("undecodable image", where, error)
-            continue
-        stats.ok += 1
-        yield {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
-    if attempts and stats.ok == 0:
-        raise no_valid_samples(urls, train, stats)
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    image_key = next((k for k in cfg.image_keys if k in sample), None)
+    if image_key is None:
+        stats.skip("missing image", where)
+        return None
+    meta = read_meta(sample)
+    try:
+        caption = read_caption(sample, cfg.caption_keys, meta)
+    except UnicodeDecodeError as error:
+        stats.skip("caption not UTF-8", where, error)
+        return None
+    if caption is None:
+        stats.skip("missing caption", where)
+        return None
+    if not caption:
+        stats.skip("empty caption", where)
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[image_key])) as raw:
+            raw.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at reduced size
+            image = transform(to_rgb(raw))
+    except Exception as error:  # PIL raises many types (incl. DecompressionBombError)
+        stats.skip("undecodable image", where, error)
+        return None
+    if rng is not None:
+        image = augment(image, cfg, rng)
+    stats.ok += 1
+    return {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 
 
-def collate(samples: list[dict]) -> dict[str, Any]:
+def augment(image: torch.Tensor, cfg: LoaderConfig, rng: random.Random) -> torch.Tensor:
+    """Random crop and horizontal flip from the given rng (torchvision's draw from the global one)."""
+    size = cfg.image_size
+    if cfg.crop == "random":
+        top = rng.randint(0, image.shape[-2] - size)
+        left = rng.randint(0, image.shape[-1] - size)
+        image = image[..., top : top + size, left : left + size]
+    if cfg.random_flip and rng.random() < 0.5:
+        image = image.flip(-1)
+    return image
+
+
+def collate(samples: list[dict], stats: StreamStats) -> dict[str, Any]:
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
+        "skipped": stats.take_new_skips(),
     }
-
-
-def attach_skip_count(batches: Iterator[dict], stats: StreamStats) -> Iterator[dict]:
-    for batch in batches:
-        batch["skipped"] = stats.take_new_skips()
-        yield batch
 
 
 def build_pipeline(
     urls: Sequence[str], cfg: LoaderConfig, *, train: bool, rank: int = 0, world_size: int = 1
-) -> wds.DataPipeline:
+) -> TrainStream | ValStream:
     """The dataset a DataLoader(batch_size=None) iterates: batches are made inside the workers."""
-    stats = StreamStats()
-    readers = world_size * max(1, cfg.num_workers)
-    batch_size = cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size)
-    stages: list[Any] = [
-        ShardStream(urls, rank, world_size, cfg.seed, train, stats),
-        wds.tarfile_to_samples(handler=stats.shard_error),
-        wds.pipelinefilter(count_read)(stats),
-        wds.pipelinefilter(split_samples)(rank, world_size, len(urls) < readers),
-    ]
-    if train and cfg.shuffle_buffer > 1:
-        stages.append(
-            wds.pipelinefilter(seeded_shuffle)(cfg.shuffle_buffer, cfg.seed, rank, world_size)
-        )
-    stages += [
-        wds.pipelinefilter(decode_samples)(cfg, train, stats, list(urls)),
-        wds.batched(batch_size, collation_fn=collate, partial=not train),
-        wds.pipelinefilter(attach_skip_count)(stats),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    return EpochSlices(pipeline, cfg.batches_per_epoch) if train else pipeline
-
-
-class EpochSlices(IterableDataset):
-    """Cuts one endless stream into epochs of `batches` batches per rank.
-
-    Not wds's with_epoch: that starts the stream afresh at every epoch, so each epoch would replay
-    the first one. Here the stream lives on between epochs (in persistent DataLoader workers, or in
-    this object without workers), and the rank's batches are split exactly over its workers.
-    """
-
-    def __init__(self, pipeline: wds.DataPipeline, batches: int):
-        self.pipeline, self.batches = pipeline, batches
-        self._stream: Iterator[dict] | None = None
-
-    def __iter__(self) -> Iterator[dict]:
-        if self._stream is None:
-            self._stream = iter(self.pipeline)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.batches // workers + (worker < self.batches % workers)
-        for _ in range(mine):
-            yield next(self._stream)
+    stream = TrainStream if train else ValStream
+    return stream(urls, cfg, rank, world_size)
