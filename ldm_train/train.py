@@ -5,14 +5,16 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import UserError, check_choice, check_keys
@@ -21,6 +23,16 @@ from ldm_train.data.datamodule import WebDataModule
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+
+
+def build(spec: DictConfig, **kwargs: Any) -> Any:
+    """hydra's instantiate, but a UserError raised while building stays a one-line UserError."""
+    try:
+        return instantiate(spec, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
 
 
 def validate(cfg: DictConfig) -> None:
@@ -38,7 +50,17 @@ def wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_logger(cfg: DictConfig) -> Logger | None:
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of this run directory: a resumed run continues the same W&B run."""
+    id_file = run_dir / "wandb_run_id"
+    if resuming and id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B takes any [a-z0-9] id
+    id_file.write_text(run_id)
+    return run_id
+
+
+def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
     if cfg.logger._target_.endswith("WandbLogger"):
@@ -52,7 +74,8 @@ def build_logger(cfg: DictConfig) -> Logger | None:
             )
         # wandb must never stop to ask for a login.
         os.environ.setdefault("WANDB_SILENT", "true")
-        return instantiate(cfg.logger, offline=bool(offline))
+        run_id = cfg.logger.get("id") or wandb_run_id(Path(cfg.paths.run_dir), resuming)
+        return instantiate(cfg.logger, offline=bool(offline), id=run_id, resume="allow")
     return instantiate(cfg.logger)
 
 
@@ -90,7 +113,9 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
-    if cfg.stage.name == "all":  # the chain clip -> vae -> unet, each stage's export feeding the next
+    if (
+        cfg.stage.name == "all"
+    ):  # the chain clip -> vae -> unet, each stage's export feeding the next
         from ldm_train.chain import train_chain
 
         return train_chain(cfg)
@@ -102,8 +127,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     datamodule = WebDataModule.from_config(cfg.data)
-    module = instantiate(cfg.stage.module)
-    logger = build_logger(cfg)
+    module = build(cfg.stage.module)
+    logger = build_logger(cfg, resuming=ckpt_path is not None)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=logger if logger is not None else False,
@@ -114,6 +139,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
+    if isinstance(
+        logger, WandbLogger
+    ):  # end the W&B run: the next stage in this process starts its own
+        logger.experiment.finish()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info("stage %s: %d steps; outputs in %s", cfg.stage.name, trainer.global_step, run_dir)

@@ -23,9 +23,18 @@ def logged(run_dir: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
+# The unet stage on its own, without upstream exports: unconditional, in pixel space.
+STANDALONE = {"clip": [], "vae": [], "unet": ["stage.vae=null", "stage.text_encoder=null"]}
+
+
 @pytest.mark.parametrize("stage", ["clip", "vae", "unet"])
 def test_stage_trains_checkpoints_and_logs(stage, make_cfg):
-    cfg = make_cfg(f"stage={stage}", "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=2")
+    cfg = make_cfg(
+        f"stage={stage}",
+        *STANDALONE[stage],
+        "trainer.log_every_n_steps=1",
+        "checkpoint_every_n_steps=2",
+    )
     metrics, objects = train(cfg)
     run_dir = objects["run_dir"]
     assert objects["trainer"].global_step == 4
@@ -95,3 +104,13 @@ def test_corrupt_shard_is_skipped_and_counted(make_cfg, tiny_shards, tmp_path):
     )
     metrics, _ = train(cfg)
     assert metrics["data/skipped"] >= 2
+
+
+def test_resumed_run_continues_the_same_wandb_run(make_cfg):
+    _, first = train(make_cfg("stage=vae", "logger=wandb", "trainer.max_steps=2"))
+    _, second = train(make_cfg("stage=vae", "logger=wandb", "trainer.max_steps=3"))
+    runs = sorted(p.name for p in (first["run_dir"] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]
+    _, fresh = train(make_cfg("stage=vae", "logger=wandb", "resume=never", "trainer.max_steps=1"))
+    ids = {p.name.rsplit("-", 1)[1] for p in (fresh["run_dir"] / "wandb").glob("offline-run-*")}
+    assert len(ids) == 2  # a fresh start is a new W&B run
