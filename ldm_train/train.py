@@ -104,18 +104,21 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
             checkpoints.rename(kept)
             log.info("resume=never: moved the earlier checkpoints to %s", kept)
         return None
-    last = checkpoints / "last.ckpt"
-    if last.is_file():
-        log.info("resume=auto: continuing from %s", last)
-        return str(last)
+    # last.ckpt, or the hpc_ckpt_N.ckpt Lightning saves on SLURM's requeue signal: the newest.
+    candidates = [
+        p for p in [checkpoints / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()
+    ]
+    if candidates:
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        log.info("resume=auto: continuing from %s", newest)
+        return str(newest)
     return None
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
-    if (
-        cfg.stage.name == "all"
-    ):  # the chain clip -> vae -> unet, each stage's export feeding the next
+    if cfg.stage.name == "all":
+        # The chain clip -> vae -> unet, each stage's export feeding the next.
         from ldm_train.chain import train_chain
 
         return train_chain(cfg)
@@ -139,16 +142,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    if isinstance(
-        logger, WandbLogger
-    ):  # end the W&B run: the next stage in this process starts its own
-        logger.experiment.finish()
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()  # the next stage in this process starts its own W&B run
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    export_dir = None
     if trainer.is_global_zero:
-        log.info("stage %s: %d steps; outputs in %s", cfg.stage.name, trainer.global_step, run_dir)
-    return metrics, {
+        export_dir = module.export(run_dir / "export")
+        exported = f"; exported to {export_dir}" if export_dir else ""
+        log.info(
+            "stage %s: %d steps; outputs in %s%s",
+            cfg.stage.name,
+            trainer.global_step,
+            run_dir,
+            exported,
+        )
+    objects = {
         "trainer": trainer,
         "module": module,
         "datamodule": datamodule,
         "run_dir": run_dir,
+        "export_dir": export_dir,
     }
+    return metrics, objects

@@ -3,6 +3,13 @@ the same order, as a run that never stopped, and ends with the same weights."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -14,12 +21,14 @@ from ldm_train.train import train
 class Recorder(L.LightningModule):
     """A tiny model that remembers the keys of every batch it trained on."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
         self.net = torch.nn.Linear(3, 1)
         self.seen: list[list[str]] = []
+        self.delay = delay  # seconds per step, so that a test can kill the run mid-way
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        time.sleep(self.delay)
         self.seen.append(list(batch["key"]))
         return (self.net(batch["image"].mean(dim=(2, 3))) - 1).pow(2).mean()
 
@@ -27,7 +36,9 @@ class Recorder(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
     def export(self, out_dir):
-        return None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.net.state_dict(), out_dir / "weights.pt")
+        return out_dir
 
 
 def run(make_cfg, steps: int, workers: int, *extra: str):
@@ -56,3 +67,79 @@ def test_resumed_run_sees_the_same_data_and_ends_with_the_same_weights(make_cfg,
     assert first.seen + resumed.seen == straight.seen
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def cli(tmp_path: Path, tiny_shards: dict, name: str, *extra: str) -> subprocess.Popen:
+    """The real CLI training a Recorder (0.15 s a step) on the tiny shards, 2 loader workers."""
+    args = [
+        "-m",
+        "ldm_train",
+        f"experiment_name={name}",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        f"paths.output_root={tmp_path}",
+        f"data.train_urls='{tiny_shards['train_urls']}'",
+        f"data.val_urls='{tiny_shards['val_urls']}'",
+        "data.make_dataset=null",
+        "data.num_workers=2",
+        "data.batch_size=8",
+        "data.batches_per_epoch=5",
+        "trainer.max_steps=16",
+        "trainer.enable_progress_bar=false",
+        "checkpoint_every_n_steps=2",
+        "~stage.module",
+        f"+stage.module={{_target_:{__name__}.Recorder,delay:0.15}}",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_shards):
+    finish(cli(tmp_path, tiny_shards, "straight"))
+    killed = cli(tmp_path, tiny_shards, "killed")
+    wait_for(tmp_path / "killed" / "clip" / "checkpoints" / "step00000008.ckpt", killed)
+    killed.send_signal(signal.SIGKILL)  # kill -9: nothing gets to clean up
+    killed.wait()
+    output = finish(cli(tmp_path, tiny_shards, "killed"))  # the same command again
+    assert "resume=auto: continuing from" in output
+    straight = torch.load(tmp_path / "straight" / "clip" / "export" / "weights.pt")
+    resumed = torch.load(tmp_path / "killed" / "clip" / "export" / "weights.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_shards, signum):
+    run_dir = tmp_path / "preempted" / "clip"
+    process = cli(tmp_path, tiny_shards, "preempted")
+    wait_for(run_dir / "checkpoints" / "step00000004.ckpt", process)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 4 <= step < 16
+    assert f"saved {run_dir / 'checkpoints' / 'last.ckpt'} at step {step}" in output
+    output = finish(cli(tmp_path, tiny_shards, "preempted"))
+    assert f"continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in output
