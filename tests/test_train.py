@@ -15,11 +15,13 @@ from ldm_train.train import train
 LOSS = {"clip": "train/contrastive", "vae": "train/loss", "unet": "train/mse"}
 
 
+def latest_log(run_dir: Path) -> Path:
+    versions = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return versions[-1] / "metrics.csv"
+
+
 def logged(run_dir: Path, name: str) -> list[float]:
-    latest = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[
-        -1
-    ]
-    with open(latest / "metrics.csv") as f:
+    with open(latest_log(run_dir)) as f:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
@@ -51,17 +53,20 @@ def test_stage_trains_checkpoints_and_logs(stage, make_cfg):
     assert any(key.startswith("val/") for key in metrics)
 
 
-def test_vae_loss_goes_down(make_cfg):
+def test_throughput_and_learning_rate_are_logged(make_cfg):
+    # Loss curves are each stage's own tests; here the logging the callbacks add.
     cfg = make_cfg(
         "stage=vae",
-        "trainer.max_steps=40",
+        "trainer.max_steps=24",
         "trainer.log_every_n_steps=1",
-        "data.batches_per_epoch=40",
+        "data.batches_per_epoch=24",
         "trainer.limit_val_batches=1",
     )
     _, objects = train(cfg)
-    losses = logged(objects["run_dir"], "train/loss")
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert min(logged(objects["run_dir"], "train/device/samples_per_sec")) > 0
+    with open(latest_log(objects["run_dir"])) as f:
+        lr_keys = [k for k in csv.DictReader(f).fieldnames if k.startswith("lr-")]
+    assert lr_keys and logged(objects["run_dir"], lr_keys[0])
 
 
 def test_rerun_resumes_and_resume_never_starts_afresh(make_cfg):

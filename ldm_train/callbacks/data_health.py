@@ -54,3 +54,8 @@ class DataHealthMonitor(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.skipped = state_dict["skipped"]
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a loader batch (for Lightning's ThroughputMonitor)."""
+    return len(batch["caption"])
