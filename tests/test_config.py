@@ -31,7 +31,9 @@ def test_config_dir_is_the_checkouts_conf():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_composes_and_builds(stage, make_cfg):
-    cfg = make_cfg(f"stage={stage}")
+    # The unet stage on its own, without upstream exports: unconditional, in pixel space.
+    standalone = ["stage.vae=null", "stage.text_encoder=null"] if stage == "unet" else []
+    cfg = make_cfg(f"stage={stage}", *standalone)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.stage.name == stage
     assert cfg.paths.run_dir.endswith(f"shapes/{stage}")
@@ -45,12 +47,16 @@ def test_model_presets_take_sizes_from_data():
     sizes = {
         "clip": lambda c: c.model.net.vision_cfg.image_size,
         "vae": lambda c: c.model.net.sample_size,
-        "unet": lambda c: c.model.net.sample_size,
     }
     for stage, size in sizes.items():
         cfg = compose_config([f"stage={stage}", "data.image_size=48"])
         assert size(cfg) == 48
         assert cfg.data.root.endswith("shapes-48")  # the embedded dataset is made at that size
+    # The U-Net's sizes come from its upstream parts when it is built: here, pixel space.
+    cfg = compose_config(
+        ["stage=unet", "data.image_size=48", "stage.vae=null", "stage.text_encoder=null"]
+    )
+    assert instantiate(cfg.stage.module).net.config.sample_size == 48
 
 
 def test_defaults_are_the_documented_ones():
