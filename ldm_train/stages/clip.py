@@ -1,18 +1,133 @@
-"""Stage clip: contrastive image-text pretraining of an open_clip model."""
+"""Stage clip: contrastive image-text pretraining of an open_clip model, as open_clip trains it.
+
+The net is an `open_clip.CLIP` built from a model card (one of open_clip's, e.g. "ViT-B-32", and/or
+sizes in the same format from a YAML preset); the loss is open_clip's ClipLoss or SigLipLoss over all
+ranks; validation measures retrieval recall and zero-shot accuracy; `export` writes a folder that
+open_clip loads by itself (and that ldm_train.text_encoder reads for the U-Net stage).
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import open_clip
+import safetensors.torch
 import torch
-from open_clip.loss import ClipLoss
-from torchmetrics import MeanMetric
+from omegaconf import DictConfig, OmegaConf
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
+from open_clip.push_to_hf_hub import save_config_for_hf
+from torchmetrics import CatMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
+from ldm_train.clip_eval import IGNORE_LABEL, parse_zero_shot, retrieval_recall
+from ldm_train.config import UserError, check_choice, check_keys
+from ldm_train.losses.contrastive import (
+    LOSS_KINDS,
+    ContrastiveLossKind,
+    build_contrastive_loss,
+    contrastive_terms,
+)
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
+log = logging.getLogger(__name__)
+
 Tokenizer = Callable[[list[str]], torch.Tensor]
+
+# open_clip_train's rule (main.py): no weight decay on gains, biases and the temperature; we add
+# embeddings (token, positional, class), as its `no_weight_decay()` and timm do.
+NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale", "embedding")
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
+# SigLIP's initial temperature and bias (paper, sec. 3.2; open_clip's *-SigLIP cards).
+SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+# The loader resizes with PIL bilinear (antialiased) on the shorter side, then centre-crops.
+LOADER_PREPROCESS = {"interpolation": "bilinear", "resize_mode": "shortest"}
+
+CLIP_KEYS = set(inspect.signature(open_clip.CLIP.__init__).parameters) - {"self", "cast_dtype"}
+TOWER_KEYS = {
+    "vision_cfg": {f.name for f in dataclasses.fields(CLIPVisionCfg)},
+    "text_cfg": {f.name for f in dataclasses.fields(CLIPTextCfg)},
+}
+# Cards with these build towers from timm / Hugging Face (CustomTextCLIP), which need downloads.
+FOREIGN_TOWER_KEYS = {"vision_cfg": "timm_model_name", "text_cfg": "hf_model_name"}
+
+
+def merge_card(base: Mapping, overrides: Mapping) -> dict:
+    """base with overrides on top; the tower configs merge key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if key in TOWER_KEYS and isinstance(value, Mapping):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def model_card(card: str | None = None, **overrides: Any) -> dict:
+    """An open_clip model config (the JSON cards in open_clip/model_configs): open_clip's card named
+    `card`, if given, with `overrides` on top; checked, with a one-line error for a bad key."""
+    overrides = {
+        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+        for k, v in overrides.items()
+    }
+    base: dict = {}
+    if card is not None:
+        base = open_clip.get_model_config(card)
+        if base is None:
+            close = difflib.get_close_matches(card, open_clip.list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(
+                f"model.net.card={card!r} is not one of open_clip's model cards{hint}; "
+                "see open_clip.list_models()"
+            )
+    cfg = merge_card(base, overrides)
+    if cfg.get("custom_text"):
+        raise UserError(f"model card {card!r} needs CustomTextCLIP; pick a plain CLIP card")
+    check_keys("model.net", cfg, CLIP_KEYS)
+    for tower, valid in TOWER_KEYS.items():
+        if not isinstance(cfg.get(tower), Mapping):
+            raise UserError(f"model.net.{tower} is missing; give the tower's sizes or a card")
+        check_keys(f"model.net.{tower}", cfg[tower], valid)
+        if cfg[tower].get(FOREIGN_TOWER_KEYS[tower]):
+            raise UserError(
+                f"model card {card!r} builds its {tower} from a pretrained library model "
+                f"({FOREIGN_TOWER_KEYS[tower]}); pick a card with open_clip's own towers"
+            )
+    if "embed_dim" not in cfg:
+        raise UserError("model.net.embed_dim is missing")
+    return cfg
+
+
+def build_clip(card: str | None = None, **overrides: Any) -> open_clip.CLIP:
+    """A randomly initialised open_clip.CLIP from `model_card(card, **overrides)`, never pretrained
+    weights. The card travels with the net as `net.model_cfg`: export writes it for open_clip."""
+    cfg = model_card(card, **overrides)
+    net = open_clip.CLIP(**cfg)
+    net.model_cfg = cfg
+    return net
+
+
+def weight_decay_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+) -> list[dict[str, Any]]:
+    """Optimizer groups: decay on weight matrices; none on gains, biases, embeddings, logit_scale."""
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS)
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class ClipStage(StageModule):
@@ -22,45 +137,159 @@ class ClipStage(StageModule):
         tokenizer: Tokenizer,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
+        loss: ContrastiveLossKind = "clip",
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        zero_shot: Mapping | None = None,
         image_mean: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN,
         image_std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD,
+        export_name: str = "ldm-train-clip",
     ):
         super().__init__(optimizer, scheduler)
+        check_choice("stage.module.loss", loss, LOSS_KINDS)
+        model_cfg = getattr(net, "model_cfg", None)
+        if model_cfg is None:
+            raise UserError("ClipStage needs a net made by ldm_train.stages.clip.build_clip")
         self.net = net
+        self.net.output_dict = True  # as open_clip_train runs it: features + logit scale by name
+        self.model_cfg = copy.deepcopy(model_cfg)
         self.tokenizer = tokenizer
-        # The loader gives [-1, 1]; CLIP towers expect (x - mean) / std on [0, 1].
-        self.register_buffer(
-            "image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False
+        self.loss_kind, self.local_loss, self.gather_with_grad = loss, local_loss, gather_with_grad
+        self.export_name = export_name
+        if loss == "siglip" and net.logit_bias is None:
+            self._add_siglip_bias()
+        self.configure_loss(rank=0, world_size=1)
+        self.val_loss_fn = build_contrastive_loss(loss)  # per batch, this rank's negatives only
+
+        # The loader gives [-1, 1]; CLIP towers expect (x - mean) / std on [0, 1]. The same
+        # mean/std go into the export's preprocess_cfg, so open_clip's preprocess matches.
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), False)
+        set_model_preprocess_cfg(
+            self.net,
+            {
+                "size": self.net.visual.image_size,
+                "mean": tuple(image_mean),
+                "std": tuple(image_std),
+                **LOADER_PREPROCESS,
+            },
         )
-        self.register_buffer(
-            "image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False
+
+        self.zero_shot = parse_zero_shot(zero_shot)
+        self.zero_shot_acc = torch.nn.ModuleDict(
+            {
+                name: MulticlassAccuracy(
+                    len(task.classes), average="micro", ignore_index=IGNORE_LABEL
+                )
+                for name, task in self.zero_shot.items()
+            }
         )
-        self.loss = ClipLoss()
+        self.classifiers: dict[str, torch.Tensor] = {}
         self.val_loss = MeanMetric()
+        # Features of the whole val pass (gathered from every rank) for retrieval.
+        self.val_image_features = CatMetric(nan_strategy="disable")
+        self.val_text_features = CatMetric(nan_strategy="disable")
+
+    def _add_siglip_bias(self) -> None:
+        """SigLIP learns a logit bias beside the temperature; start both where SigLIP does."""
+        with torch.no_grad():
+            self.net.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
+        self.net.logit_bias = torch.nn.Parameter(
+            torch.full_like(self.net.logit_scale, SIGLIP_INIT_LOGIT_BIAS)
+        )
+        self.model_cfg.update(
+            init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS
+        )
+
+    def configure_loss(self, rank: int, world_size: int) -> None:
+        self.loss = build_contrastive_loss(
+            self.loss_kind, rank, world_size, self.local_loss, self.gather_with_grad
+        )
 
     def setup(self, stage: str) -> None:
         # Negatives from every rank: the loss gathers features across the process group.
-        self.loss = ClipLoss(rank=self.global_rank, world_size=self.trainer.world_size)
+        self.configure_loss(self.global_rank, self.trainer.world_size)
 
-    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = ((batch["image"] + 1) / 2 - self.image_mean) / self.image_std
-        tokens = self.tokenizer(batch["caption"]).to(self.device)
-        return self.net(images, tokens)
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        return weight_decay_groups(self.named_parameters())
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images + 1) / 2 - self.image_mean) / self.image_std
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """open_clip's outputs: image_features, text_features (normalised), logit_scale (exp),
+        logit_bias (SigLIP only)."""
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        return self.net(self.normalize(images), tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image_features, text_features, logit_scale = self.embed(batch)
-        loss = self.loss(image_features, text_features, logit_scale)
+        outputs = self(batch["image"], batch["caption"])
+        terms = contrastive_terms(self.loss, **outputs)
         size = len(batch["caption"])
-        self.log("train/contrastive", loss, prog_bar=True, batch_size=size)
-        self.log("train/logit_scale", logit_scale, batch_size=size)
-        return loss
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=True, batch_size=size)
+        self.log("train/logit_scale", outputs["logit_scale"], batch_size=size)
+        if "logit_bias" in outputs:
+            self.log("train/logit_bias", outputs["logit_bias"], batch_size=size)
+        return sum(terms.values())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # As CLIP does: the temperature may not exceed 100.
+        # After the optimizer step, as open_clip_train does: the temperature stays <= 100.
         with torch.no_grad():
-            self.net.logit_scale.clamp_(0, math.log(100))
+            self.net.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def on_validation_epoch_start(self) -> None:
+        self.classifiers = {
+            name: task.classifier(self.net, self.tokenizer, self.device)
+            for name, task in self.zero_shot.items()
+        }
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        image_features, text_features, logit_scale = self.embed(batch)
-        self.val_loss.update(ClipLoss()(image_features, text_features, logit_scale))
-        self.log("val/contrastive", self.val_loss, prog_bar=True)
+        outputs = self(batch["image"], batch["caption"])
+        image_features, text_features = outputs["image_features"], outputs["text_features"]
+        size = len(batch["caption"])
+        self.val_loss.update(contrastive_terms(self.val_loss_fn, **outputs)["contrastive"], size)
+        self.log("val/contrastive", self.val_loss, prog_bar=True, batch_size=size)
+        self.val_image_features.update(image_features)
+        self.val_text_features.update(text_features)
+        for name, task in self.zero_shot.items():
+            labels = task.labels(batch["meta"]).to(self.device)
+            accuracy = self.zero_shot_acc[name]
+            accuracy.update(image_features @ self.classifiers[name], labels)
+            self.log(f"val/zeroshot_{name}_acc", accuracy, prog_bar=True, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        image_features = self.val_image_features.compute()
+        text_features = self.val_text_features.compute()
+        self.val_image_features.reset()
+        self.val_text_features.reset()
+        if isinstance(image_features, torch.Tensor) and len(image_features):
+            metrics = retrieval_recall(image_features, text_features)
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+
+    def export(self, out_dir: Path) -> Path:
+        """An open_clip-loadable folder, in the layout of open_clip's Hugging Face exports:
+
+        - open_clip_config.json: {"model_cfg", "preprocess_cfg"} (written by open_clip's own
+          save_config_for_hf); `open_clip.create_model_and_transforms("local-dir:<out_dir>")`
+          reads the folder, normalisation included;
+        - open_clip_model.safetensors: the weights;
+        - <export_name>.json: the bare model card, for `open_clip.add_model_config(path)` and then
+          `create_model_and_transforms(export_name, pretrained=<weights>)`.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config_for_hf(self.net, out_dir / HF_CONFIG_NAME, model_config=self.model_cfg)
+        (out_dir / f"{self.export_name}.json").write_text(json.dumps(self.model_cfg, indent=2))
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        safetensors.torch.save_file(weights, out_dir / HF_SAFE_WEIGHTS_NAME)
+        if tuple(self.net.visual.image_mean) != tuple(open_clip.OPENAI_DATASET_MEAN) or tuple(
+            self.net.visual.image_std
+        ) != tuple(open_clip.OPENAI_DATASET_STD):
+            log.warning(
+                "trained with image_mean/std other than open_clip's defaults: load the export "
+                "with 'local-dir:%s', or pass image_mean/image_std when loading it by name",
+                out_dir,
+            )
+        log.info("exported the CLIP model to %s", out_dir)
+        return out_dir

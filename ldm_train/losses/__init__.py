@@ -1,0 +1,1 @@
+"""Loss terms of the stages: each returns a dict of named terms whose sum is the loss."""

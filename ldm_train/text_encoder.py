@@ -1,0 +1,95 @@
+"""The frozen text encoder of the U-Net stage: the text tower of a CLIP exported by stage=clip.
+
+    encoder = ClipTextEncoder.from_pretrained("outputs/shapes/clip/export", layer="penultimate")
+    hidden_states, pooled = encoder(["a small red circle in the center on a blue background", ""])
+    # hidden_states: B x context_length x encoder.width (cross-attention input of the U-Net)
+    # pooled:        B x encoder.embed_dim (the projected end-of-text token, as CLIP embeds text)
+
+As Stable Diffusion 2's FrozenOpenCLIPEmbedder: tokens of the last or the penultimate transformer
+layer, each through ln_final; "" is a valid caption (start + end tokens), the unconditional input
+of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+import open_clip
+import torch
+from open_clip.constants import HF_CONFIG_NAME
+
+from ldm_train.config import UserError, check_choice
+
+TextLayer = Literal["last", "penultimate"]
+TEXT_LAYERS: tuple[str, ...] = get_args(TextLayer)
+
+
+class ClipTextEncoder(torch.nn.Module):
+    """Captions -> (per-token hidden states B x L x width, pooled embedding B x embed_dim); frozen."""
+
+    def __init__(
+        self,
+        model: open_clip.CLIP,
+        tokenizer: open_clip.tokenizer.SimpleTokenizer,
+        layer: TextLayer = "last",
+    ):
+        super().__init__()
+        check_choice("layer", layer, TEXT_LAYERS)
+        if layer == "penultimate" and model.transformer.layers < 2:
+            raise UserError("layer='penultimate' needs a text transformer of 2 layers or more")
+        model.visual = None  # the image tower is not needed: free its memory
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, export_dir: str | Path, layer: TextLayer = "last", device: str | torch.device = "cpu"
+    ) -> ClipTextEncoder:
+        """Load a stage=clip export folder with open_clip's own loader ('local-dir:')."""
+        export_dir = Path(export_dir)
+        if not (export_dir / HF_CONFIG_NAME).is_file():
+            raise UserError(
+                f"no {HF_CONFIG_NAME} in {export_dir}: point at the export folder of a clip run "
+                "(e.g. outputs/<experiment>/clip/export; `python -m ldm_train.export RUN_DIR`)"
+            )
+        name = f"local-dir:{export_dir}"
+        model = open_clip.create_model(name, device=device, require_pretrained=True)
+        return cls(model, open_clip.get_tokenizer(name), layer)
+
+    def train(self, mode: bool = True) -> ClipTextEncoder:
+        # Frozen: stays in eval mode even when the module holding it switches to training.
+        return super().train(False)
+
+    @property
+    def width(self) -> int:
+        """D of the hidden states: the U-Net's cross-attention width."""
+        return self.model.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        """E of the pooled embedding (CLIP's joint image-text space)."""
+        return self.model.text_projection.shape[-1]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        outputs = self.model.forward_intermediates(
+            text=tokens,
+            text_indices=2 if self.layer == "penultimate" else 1,
+            normalize=False,
+            normalize_intermediates=True,  # ln_final on the layer taken, as SD2 does
+        )
+        hidden_states = outputs["text_intermediates"][0]
+        return hidden_states, outputs["text_features"]
