@@ -1,51 +1,222 @@
-"""Stage vae: a KL autoencoder (diffusers' AutoencoderKL) trained on reconstruction."""
+"""Stage vae: a KL autoencoder (diffusers' AutoencoderKL) trained with latent-diffusion's recipe.
+
+Training logs each loss term as train/<name> and their sum as train/loss; with the discriminator on,
+its hinge loss is train/disc (its own optimizer, not part of train/loss). Validation logs
+val/rec, val/psnr and val/ssim (images in [0, 1]), an image grid of inputs above reconstructions,
+and measures the latent scale: 1 / std of the posterior samples over the validation pass
+(latent-diffusion's scale_by_std, over every validation batch instead of one training batch). The
+scale is a buffer, so checkpoints carry it, and export() writes it into the diffusers config as
+scaling_factor: train() exports after fit, with the scale of the final validation;
+`python -m ldm_train.export` takes the checkpoint's, which is the latest validation's before that
+checkpoint was written (ModelCheckpoint saves a step's checkpoint before that step's validation
+unless it is told save_on_train_epoch_end=false).
+
+Optimization: without a discriminator Lightning optimizes automatically (so gradient clipping and
+accumulation work). With one, two optimizers step in manual optimization: the autoencoder's every
+training step, the discriminator's from disc_start on. Lightning counts every optimizer step as a
+global step in manual optimization (Lightning issue #17958), which would make trainer.max_steps and
+the checkpoint/log intervals count half steps; the discriminator's step is left uncounted, so
+trainer.global_step and trainer.max_steps count training steps in both modes.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import MeanMetric
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm_train.callbacks.images import image_grid, log_image
+from ldm_train.config import UserError
+from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
+
+log = logging.getLogger(__name__)
 
 
 class VaeStage(StageModule):
+    LATENT_SEED = 0  # posterior samples for the latent scale: the same noise at every validation
+
     def __init__(
         self,
         net: AutoencoderKL,
+        loss: AutoencoderLoss,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
-        kl_weight: float = 1e-6,
+        disc_optimizer: OptimizerFactory | None = None,
+        disc_scheduler: SchedulerFactory | None = None,
+        grid_images: int = 8,
     ):
         super().__init__(optimizer, scheduler)
+        if loss.discriminator is not None and disc_optimizer is None:
+            raise UserError(
+                "the discriminator is on (stage.module.loss.disc_weight > 0) but "
+                "stage.module.disc_optimizer is null"
+            )
         self.net = net
-        self.kl_weight = kl_weight
-        self.val_l1 = MeanMetric()
+        self.loss = loss
+        self.disc_optimizer_factory = disc_optimizer
+        self.disc_scheduler_factory = disc_scheduler
+        self.grid_images = grid_images
+        self.automatic_optimization = loss.discriminator is None
+        self.val_rec = MeanMetric()
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        # E[z] and E[z^2] of the latents over a validation pass (synced across ranks).
+        self.latent_mean = MeanMetric().set_dtype(torch.float64)
+        self.latent_square = MeanMetric().set_dtype(torch.float64)
+        # 1 / std of the latents at the latest validation; 0 until one has run.
+        self.register_buffer("latent_scale", torch.zeros(()))
+        self._grid_rows: list[torch.Tensor] = []
+        self._latent_generator: torch.Generator | None = None
 
-    def losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        posterior = self.net.encode(images).latent_dist
-        reconstruction = self.net.decode(posterior.sample()).sample
-        terms = {
-            "l1": (reconstruction - images).abs().mean(),
-            "kl": self.kl_weight * posterior.kl().mean(),
+    # -- optimizers --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        configs = [self._optimizer_config(self.net.parameters(), "autoencoder")]
+        if self.loss.discriminator is not None:
+            configs.append(
+                self._optimizer_config(self.loss.discriminator.parameters(), "discriminator")
+            )
+        return configs
+
+    def _optimizer_config(self, parameters, name: str) -> dict:
+        autoencoder = name == "autoencoder"
+        make_optimizer = self.optimizer_factory if autoencoder else self.disc_optimizer_factory
+        make_scheduler = self.scheduler_factory if autoencoder else self.disc_scheduler_factory
+        optimizer = make_optimizer(parameters)
+        if make_scheduler is None:
+            return {"optimizer": optimizer}
+        scheduler = {
+            "scheduler": make_scheduler(optimizer),
+            "interval": "step",
+            "name": f"lr-{name}",
         }
-        return terms, reconstruction
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms, _ = self.losses(batch["image"])
-        size = batch["image"].shape[0]
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, batch_size=size)
+    # -- training ----------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        images = batch["image"]
+        step = self.global_step
+        if self.automatic_optimization:
+            posterior = self.net.encode(images).latent_dist
+            reconstruction = self.net.decode(posterior.sample()).sample
+            terms, extras = self.loss.generator_terms(images, reconstruction, posterior, step)
+            return self._log_terms(terms, extras, images.shape[0])
+
+        autoencoder_opt, disc_opt = self.optimizers()
+        autoencoder_sched, disc_sched = map(self._scheduler_of, (autoencoder_opt, disc_opt))
+
+        with self.toggled_optimizer(autoencoder_opt):  # no gradients into the discriminator
+            posterior = self.net.encode(images).latent_dist
+            reconstruction = self.net.decode(posterior.sample()).sample
+            terms, extras = self.loss.generator_terms(
+                images, reconstruction, posterior, step, self.net.decoder.conv_out.weight
+            )
+            loss = self._log_terms(terms, extras, images.shape[0])
+            autoencoder_opt.zero_grad()
+            self.manual_backward(loss)
+            autoencoder_opt.step()
+        if autoencoder_sched is not None:
+            autoencoder_sched.step()
+
+        if self.loss.discriminator_active(step):
+            with self.toggled_optimizer(disc_opt):
+                disc_terms, disc_extras = self.loss.discriminator_terms(images, reconstruction)
+                self._log(disc_terms | disc_extras, images.shape[0])
+                disc_opt.zero_grad()
+                self.manual_backward(disc_terms["disc"])
+                step_uncounted(disc_opt)
+            if disc_sched is not None:
+                disc_sched.step()  # counts discriminator steps: its warmup starts at disc_start
+        return None
+
+    def _scheduler_of(self, optimizer: LightningOptimizer):
+        """The LR scheduler of this optimizer, or None (either may have none)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizer.optimizer:
+                return config.scheduler
+        return None
+
+    def _log_terms(self, terms: dict, extras: dict, batch_size: int) -> torch.Tensor:
         loss = sum(terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self._log(terms | extras, batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _log(self, values: dict, batch_size: int) -> None:
+        self.log_dict({f"train/{k}": v.detach() for k, v in values.items()}, batch_size=batch_size)
+
+    # -- validation --------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._latent_generator = torch.Generator(self.device).manual_seed(self.LATENT_SEED)
+        self._grid_rows = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
-        reconstruction = self.net(images, sample_posterior=False).sample
-        self.val_l1.update((reconstruction - images).abs().mean())
-        self.val_psnr.update((reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2)
-        self.log("val/l1", self.val_l1, prog_bar=True)
-        self.log("val/psnr", self.val_psnr, prog_bar=True)
+        size = images.shape[0]
+        posterior = self.net.encode(images).latent_dist
+        reconstruction = self.net.decode(posterior.mode()).sample
+        self.val_rec.update(self.loss.reconstruction_term(reconstruction, images), weight=size)
+        inputs_01, outputs_01 = (images + 1) / 2, (reconstruction.clamp(-1, 1) + 1) / 2
+        self.val_psnr.update(outputs_01, inputs_01)
+        self.val_ssim.update(outputs_01, inputs_01)
+        latents = posterior.sample(generator=self._latent_generator).double()
+        self.latent_mean.update(latents)
+        self.latent_square.update(latents.square())
+        self.log("val/rec", self.val_rec, batch_size=size)
+        self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=size)
+        self.log("val/ssim", self.val_ssim, batch_size=size)
+        if batch_idx == 0:
+            self._grid_rows = [images[: self.grid_images], reconstruction[: self.grid_images]]
+
+    def on_validation_epoch_end(self) -> None:
+        if self.latent_mean.update_count > 0:
+            mean, square = self.latent_mean.compute(), self.latent_square.compute()
+            std = (square - mean.square()).clamp_min(0).sqrt()
+            if std > 0:
+                self.latent_scale.fill_(float(1 / std))
+            # Already reduced over ranks (torchmetrics); sync_dist only keeps Lightning quiet.
+            self.log("val/latent_std", std.float(), sync_dist=True)
+            self.log("val/latent_scale", self.latent_scale.clone(), sync_dist=True)
+        self.latent_mean.reset()
+        self.latent_square.reset()
+        if self._grid_rows:
+            log_image(self.trainer, "vae", image_grid(self._grid_rows))
+            self._grid_rows = []
+
+    # -- export ------------------------------------------------------------------------------
+
+    def export(self, out_dir: Path) -> Path:
+        """A diffusers AutoencoderKL folder (config.json + safetensors) with the measured
+        scaling_factor, for AutoencoderKL.from_pretrained(out_dir)."""
+        scale = float(self.latent_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            log.warning(
+                "no latent scale measured (no validation ran): exporting scaling_factor=1.0; "
+                "validate once (data.val_urls) to measure it"
+            )
+            scale = 1.0
+        self.net.register_to_config(scaling_factor=scale)
+        out_dir = Path(out_dir)
+        self.net.save_pretrained(out_dir, safe_serialization=True)
+        log.info("exported the VAE to %s (scaling_factor %.5f)", out_dir, scale)
+        return out_dir
+
+
+def step_uncounted(optimizer: LightningOptimizer) -> None:
+    """optimizer.step() through Lightning (precision plugin, strategy) without adding a global
+    step: see the module docstring (Lightning issue #17958)."""
+    counted = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        optimizer.step()
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = counted
