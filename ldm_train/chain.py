@@ -1,0 +1,147 @@
+"""stage=all: train clip, then vae, then unet, each export feeding the next; then generate images
+for the data's prompts and check them with the trained CLIP.
+
+Each stage runs as `python -m ldm_train stage=<name> model=<name>/<preset> <the chain's settings for
+it> <your overrides>` would: the same data, experiment, paths, trainer and logger options, so every
+stage writes to outputs/<experiment>/<name>/ and stage=unet finds the exports of clip and vae at
+their default places.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.clip_eval import parse_zero_shot
+from ldm_train.config import UserError, compose_config
+from ldm_train.diffusion.evaluate import prompt_accuracy
+from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.generate import load_pipeline, save_images
+from ldm_train.stages.unet import prompt_captions
+
+log = logging.getLogger(__name__)
+
+STAGES = ("clip", "vae", "unet")
+# Overrides of the chain itself, not of its stages.
+CHAIN_ONLY = ("stage", "model", "hydra", "ckpt_path")
+
+
+def user_overrides(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[str]:
+    """The overrides the user gave for stage=all: from the CLI (HydraConfig), else from a config
+    composed with return_hydra_config=True, else as passed."""
+    if overrides is None:
+        if HydraConfig.initialized():
+            overrides = list(HydraConfig.get().overrides.task)
+        elif "hydra" in cfg:
+            overrides = list(cfg.hydra.overrides.task)
+        else:
+            raise UserError(
+                "stage=all needs the overrides it was composed with: run `python -m ldm_train "
+                "stage=all ...`, or compose_config([...], return_hydra_config=True), or call "
+                "train_chain(cfg, overrides=[...])"
+            )
+    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in CHAIN_ONLY]
+
+
+def stage_overrides(cfg: DictConfig, stage: str, user: Sequence[str]) -> list[str]:
+    """What `python -m ldm_train` gets for one stage of the chain; the user's overrides come last."""
+    settings = cfg.stage.chain[stage]
+    preset = cfg.model.get(stage, "tiny")
+    return [
+        f"stage={stage}",
+        f"model={stage}/{preset}",
+        f"trainer.max_steps={settings.max_steps}",
+        *settings.get("overrides", []),
+        *user,
+    ]
+
+
+def compose_stage(overrides: list[str]) -> DictConfig:
+    """compose_config, or Hydra's compose inside a running Hydra app (which holds GlobalHydra)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    return compose_config(overrides)
+
+
+def train_stage(cfg: DictConfig, stage: str, user: Sequence[str]) -> tuple[dict, Path]:
+    from ldm_train.train import train  # train() imports this module for stage=all
+
+    overrides = stage_overrides(cfg, stage, user)
+    log.info("chain: %s", " ".join(["python -m ldm_train", *overrides]))
+    started = time.monotonic()
+    metrics, objects = train(compose_stage(overrides))  # also exports, and ends its W&B run
+    export_dir = objects["export_dir"] or Path(objects["run_dir"]) / "export"
+    minutes = (time.monotonic() - started) / 60
+    log.info("chain: %s done in %.1f min; export in %s", stage, minutes, export_dir)
+    del objects
+    gc.collect()
+    return {**metrics, "minutes": minutes}, export_dir
+
+
+def evaluate(cfg: DictConfig, unet_export: Path, clip_export: Path, out_dir: Path) -> dict:
+    """Generate n images per prompt of data.prompts, save them with a grid, and measure with the
+    trained CLIP how many show the shape and colour (the data.zero_shot tasks) their prompt names."""
+    prompts = OmegaConf.to_container(cfg.data.get("prompts") or [], resolve=True)
+    captions = prompt_captions(prompts)
+    if not captions:
+        log.info("chain: no data.prompts, nothing to generate")
+        return {}
+    settings = cfg.stage.evaluate
+    options = SamplingOptions(
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+    )
+    n = settings.n_per_prompt
+    started = time.monotonic()
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    pipeline = load_pipeline(unet_export, "cuda" if on_gpu else "cpu")
+    images = pipeline.generate(captions, n, options)
+    save_images(images, captions, n, options.seed, out_dir)
+    results: dict[str, Any] = {"generate_minutes": (time.monotonic() - started) / 60}
+    labels = [p if isinstance(p, dict) else {} for p in prompts for _ in range(n)]
+    tasks = parse_zero_shot(cfg.data.get("zero_shot"))
+    if tasks and any(labels):
+        results |= prompt_accuracy(clip_export, images, labels, tasks)
+    log.info(
+        "chain: %d images for %d prompts in %s (grid.png)", len(images), len(captions), out_dir
+    )
+    return results
+
+
+def train_chain(
+    cfg: DictConfig, overrides: Sequence[str] | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train clip -> vae -> unet and evaluate; returns (metrics, objects) like train()."""
+    user = user_overrides(cfg, overrides)
+    for stage in cfg.stage.chain:
+        if stage not in STAGES:
+            raise UserError(f"stage.chain.{stage}: not a stage; the chain has {', '.join(STAGES)}")
+    started = time.monotonic()
+    metrics: dict[str, float] = {}
+    exports: dict[str, Path] = {}
+    for stage in STAGES:
+        stage_metrics, exports[stage] = train_stage(cfg, stage, user)
+        metrics |= {f"{stage}/{k}": v for k, v in stage_metrics.items()}
+    run_dir = Path(cfg.paths.run_dir)
+    results = evaluate(cfg, exports["unet"], exports["clip"], run_dir / "samples")
+    results["minutes"] = (time.monotonic() - started) / 60
+    metrics |= {f"chain/{k}": v for k, v in results.items()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+    summary = ", ".join(f"chain/{k} {v:.3f}" for k, v in results.items())
+    log.info("chain: %s; all metrics in %s", summary, run_dir / "results.json")
+    return metrics, {"run_dir": run_dir, "exports": exports, "samples": run_dir / "samples"}

@@ -1,0 +1,111 @@
+"""Sampling: from noise to images with a diffusers scheduler and classifier-free guidance.
+
+One loop serves the validation grid and `python -m ldm_train.generate`. Each image's starting noise
+comes from its own seed, so an image does not depend on the batch it was made in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ldm_train.config import UserError, check_choice
+from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
+from ldm_train.diffusion.upstream import TextEncoder, decode_latents, text_context
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample: the scheduler (ddim | euler | dpmpp), its number of steps, the
+    classifier-free guidance scale (1: no guidance) and the seed of the first image."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 4.0
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if self.steps < 1:
+            raise UserError(f"steps={self.steps}; need at least 1 sampling step")
+        if self.guidance < 0:
+            raise UserError(f"guidance={self.guidance}; need a scale >= 0 (1: no guidance)")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size}; need >= 1")
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One N(0, 1) tensor of `shape` per seed, drawn on the CPU: the same on every device."""
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
+def per_prompt(prompts: Sequence[str], n: int, seed: int) -> tuple[list[str], list[int]]:
+    """n images per prompt, prompt-major: (prompt of each image, its seed). Image j of every
+    prompt starts from seed + j, so a column of a grid shares its starting noise."""
+    return [p for p in prompts for _ in range(n)], [seed + j for _ in prompts for j in range(n)]
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DConditionModel,
+    scheduler_config: dict,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    options: SamplingOptions,
+    vae: AutoencoderKL | None = None,
+    text_encoder: TextEncoder | None = None,
+) -> torch.Tensor:
+    """Images (N x C x H x W in [-1, 1]) for prompts[i] from the noise of seeds[i]."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    images = []
+    for start in range(0, len(prompts), options.batch_size):
+        batch = slice(start, start + options.batch_size)
+        noise = initial_noise(latent_shape, seeds[batch])
+        latents = denoise(
+            unet, scheduler_config, list(prompts[batch]), noise, options, text_encoder, vae is None
+        )
+        images.append(decode_latents(vae, latents).float().cpu())
+    return torch.cat(images)
+
+
+def denoise(
+    unet: UNet2DConditionModel,
+    scheduler_config: dict,
+    prompts: list[str],
+    noise: torch.Tensor,
+    options: SamplingOptions,
+    text_encoder: TextEncoder | None,
+    pixel_space: bool,
+) -> torch.Tensor:
+    """The sampling loop: the scheduler walks its timesteps from pure noise to a clean latent."""
+    device, dtype = unet.device, unet.dtype
+    scheduler = build_sampler(options.sampler, scheduler_config, pixel_space)
+    scheduler.set_timesteps(options.steps, device=device)
+    width = unet.config.cross_attention_dim
+    guided = text_encoder is not None and options.guidance != 1.0
+    context = text_context(text_encoder, prompts, width, device)
+    if guided:  # classifier-free guidance: one batch with the empty caption, one with the prompt
+        context = torch.cat(
+            [text_context(text_encoder, [""] * len(prompts), width, device), context]
+        )
+    context = context.to(dtype)
+    latents = noise.to(device) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        prediction = unet(model_input.to(dtype), t, encoder_hidden_states=context).sample.float()
+        if guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + options.guidance * (conditional - unconditional)
+        # The scheduler turns the predicted noise (or velocity) into the next, less noisy latent;
+        # how far it moves is set by its noise schedule, not by a learning rate.
+        latents = scheduler.step(prediction, t, latents).prev_sample
+    return latents

@@ -1,0 +1,133 @@
+"""Generation: the export folder loads on its own and samples with every sampler, the CLI writes the
+same PNGs for the same seed, errors are one line; and the whole chain (stage=all) end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
+
+from ldm_train.config import compose_config
+from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.generate import load_pipeline, main
+from ldm_train.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_shards, upstream):  # noqa: F811
+    """A U-Net trained for 2 steps on the tiny VAE and CLIP, and its export."""
+    tmp = tmp_path_factory.mktemp("generate")
+    cfg = compose_config(
+        [
+            "stage=unet",
+            f"stage.vae={upstream['vae']}",
+            f"stage.text_encoder={upstream['clip']}",
+            f"paths.output_root={tmp / 'outputs'}",
+            f"data.train_urls='{tiny_shards['train_urls']}'",
+            f"data.val_urls='{tiny_shards['val_urls']}'",
+            "data.make_dataset=null",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "logger=none",
+            "trainer.accelerator=cpu",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            *QUICK_SAMPLES,
+        ]
+    )
+    _, objects = train(cfg)
+    return objects["module"], objects["export_dir"]
+
+
+def test_export_is_self_contained_and_matches_the_trained_module(trained, tmp_path):
+    module, export = trained
+    moved = tmp_path / "copied"
+    shutil.copytree(export, moved)  # a user copies the folder elsewhere
+    pipeline = load_pipeline(moved)
+    assert pipeline.latent_shape == (4, 8, 8) and pipeline.text_encoder is not None
+    prompts = ["a large red circle in the center on a blue background", "a small black square"]
+    options = SamplingOptions(steps=3, guidance=3.0, seed=5)
+    images = pipeline.generate(prompts, 2, options)
+    assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
+    assert torch.allclose(images, module.generate(prompts, 2, options), atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp"])
+def test_every_sampler_samples(trained, sampler):
+    pipeline = load_pipeline(trained[1])
+    images = pipeline.generate(["a red circle"], 2, SamplingOptions(sampler=sampler, steps=3))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_generate_cli_same_seed_same_pngs(trained, tmp_path):
+    export = trained[1]
+    args = [str(export), "--prompt", "a red circle", "--prompt", "a blue cross", "--n", "2"]
+    args += ["--steps", "3", "--guidance", "4.0"]
+    for name, seed in [("a", "0"), ("b", "0"), ("c", "1")]:
+        assert main([*args, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert files == ["000-000.png", "000-001.png", "001-000.png", "001-001.png", "grid.png"]
+    for file in files:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert (tmp_path / "a" / "000-000.png").read_bytes() != (
+        tmp_path / "c" / "000-000.png"
+    ).read_bytes()
+    listing = json.loads((tmp_path / "a" / "images.json").read_text())
+    assert listing[3] == {"file": "001-001.png", "prompt": "a blue cross", "seed": 1}
+
+
+def test_generate_cli_errors_are_one_line(trained, tmp_path, capsys):
+    assert main([str(tmp_path / "nothing"), "--prompt", "x", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "ldm_train_pipeline.json" in error
+    assert main([str(trained[1]), "--out", str(tmp_path)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_chain_trains_all_stages_and_checks_its_samples(tmp_path):
+    """python -m ldm_train stage=all with a few steps per stage: every export, the grid, the score."""
+    steps = [f"stage.chain.{stage}.max_steps=2" for stage in ("clip", "vae", "unet")]
+    args = [
+        *steps,
+        "stage.evaluate.n_per_prompt=1",
+        "stage.evaluate.steps=2",
+        "logger=csv",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.batches_per_epoch=2",
+        "data.make_dataset.n_train=256",
+        "data.make_dataset.n_val=64",
+        "stage.chain.unet.overrides=['stage.module.samples_per_prompt=1',"
+        "'stage.module.sampling.steps=2']",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "ldm_train", "stage=all", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = tmp_path / "outputs" / "shapes"
+    for stage in ("clip", "vae", "unet"):
+        assert (outputs / stage / "export").is_dir(), stage
+    assert (outputs / "unet" / "export" / "text_encoder" / "open_clip_config.json").is_file()
+    assert (outputs / "all" / "samples" / "grid.png").is_file()
+    results = json.loads((outputs / "all" / "results.json").read_text())
+    assert 0 <= results["chain/accuracy"] <= 1 and "chain/shape_acc" in results
+    assert "chain/accuracy" in result.stdout + result.stderr
