@@ -44,7 +44,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_autoencoder() -> AutoencoderKL:
+def tiny_autoencoder(**options) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 2,
@@ -53,6 +53,7 @@ def tiny_autoencoder() -> AutoencoderKL:
         norm_num_groups=8,
         latent_channels=4,
         sample_size=16,
+        **options,
     )
 
 
@@ -60,6 +61,15 @@ def posterior(mean: float, logvar: float, shape=(2, 4, 2, 2)) -> DiagonalGaussia
     return DiagonalGaussianDistribution(
         torch.cat([torch.full(shape, mean), torch.full(shape, logvar)], dim=1)
     )
+
+
+@pytest.mark.parametrize("use_quant_conv", [True, False])
+def test_posterior_logvar_init(use_quant_conv):
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    net = tiny_autoencoder(use_quant_conv=use_quant_conv)
+    assert net.encode(images).latent_dist.logvar.mean().abs() < 1  # diffusers' init: std ~1
+    VaeStage(net, AutoencoderLoss(), torch.optim.AdamW, posterior_logvar_init=-6.0)
+    assert net.encode(images).latent_dist.logvar.mean().item() == pytest.approx(-6, abs=1)
 
 
 def test_sd_preset_has_the_published_size():

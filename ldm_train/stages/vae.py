@@ -51,6 +51,7 @@ class VaeStage(StageModule):
         disc_optimizer: OptimizerFactory | None = None,
         disc_scheduler: SchedulerFactory | None = None,
         grid_images: int = 8,
+        posterior_logvar_init: float | None = None,
     ):
         super().__init__(optimizer, scheduler)
         if loss.discriminator is not None and disc_optimizer is None:
@@ -58,6 +59,8 @@ class VaeStage(StageModule):
                 "the discriminator is on (stage.module.loss.disc_weight > 0) but "
                 "stage.module.disc_optimizer is null"
             )
+        if posterior_logvar_init is not None:
+            init_posterior_logvar(net, posterior_logvar_init)
         self.net = net
         self.loss = loss
         self.disc_optimizer_factory = disc_optimizer
@@ -209,6 +212,18 @@ class VaeStage(StageModule):
         self.net.save_pretrained(out_dir, safe_serialization=True)
         log.info("exported the VAE to %s (scaling_factor %.5f)", out_dir, scale)
         return out_dir
+
+
+def init_posterior_logvar(net: AutoencoderKL, logvar: float) -> None:
+    """Start the encoder's posterior at this log-variance, via the bias of the layer that outputs it.
+
+    diffusers starts it near 0 (std 1), so at first the decoder sees latents drowned in noise, and
+    Adam lowers it only by about lr per step: on a short run that noise, not the autoencoder's
+    capacity, limits the reconstructions. With kl_weight 1e-6 the KL hardly pulls it back up.
+    """
+    layer = net.quant_conv if net.quant_conv is not None else net.encoder.conv_out
+    with torch.no_grad():  # moments = [mean, logvar] along the channels
+        layer.bias[net.config.latent_channels :] = logvar
 
 
 def step_uncounted(optimizer: LightningOptimizer) -> None:
