@@ -4,6 +4,11 @@ A batch is {"image": B x 3 x H x W float in [-1, 1], "caption": [str], "key": [s
 (the sample's json, {} if none), "skipped": int}. Bad data is skipped and counted, never a crash:
 `batch["skipped"]` says how many samples its reader dropped since its previous batch.
 
+Shards written by `python -m ldm_train.cache_latents` hold the frozen VAE's posterior instead of an
+image (and the text encoder's hidden states): their batches carry "latent" (B x 2C x h x w, the
+encoder's moments, mean and log-variance) and "text" (B x L x D) instead of "image"; the flip is
+picked with the same per-sample draw as an image's (the cache holds both flips when flips are on).
+
 Training: every reader (a DDP rank x DataLoader worker) reads an endless stream made of passes over
 the shards. Each pass reshuffles the shard order and the samples (a shuffle buffer that starts
 afresh each pass), all seeded, so the stream is a pure function of the seed and the reader's place.
@@ -36,6 +41,8 @@ from torchvision.transforms import v2
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS_PER_REASON = 5
+# Members of a cached-latent sample (ldm_train.cache_latents writes them; .npy: numpy's format).
+LATENT_KEY, LATENT_FLIP_KEY, TEXT_KEY = "latent.npy", "latent_flip.npy", "text.npy"
 # A reader that has decoded nothing after this many samples is reading a broken configuration.
 NO_VALID_SAMPLE_LIMIT = 1000
 
@@ -338,7 +345,7 @@ def decode_sample(
     """
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     image_key = next((k for k in cfg.image_keys if k in sample), None)
-    if image_key is None:
+    if image_key is None and LATENT_KEY not in sample:
         stats.skip("missing image", where)
         return None
     meta = read_meta(sample)
@@ -353,6 +360,8 @@ def decode_sample(
     if not caption:
         stats.skip("empty caption", where)
         return None
+    if LATENT_KEY in sample:
+        return decode_cached(sample, cfg, stats, rng, where, caption, meta)
     try:
         with Image.open(io.BytesIO(sample[image_key])) as raw:
             raw.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at reduced size
@@ -364,6 +373,44 @@ def decode_sample(
         image = augment(image, cfg, rng)
     stats.ok += 1
     return {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
+
+
+class CacheError(ValueError):
+    """Cached-latent shards that cannot serve this configuration (e.g. flips on, none cached)."""
+
+
+def load_array(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def decode_cached(
+    sample: dict,
+    cfg: LoaderConfig,
+    stats: StreamStats,
+    rng: random.Random | None,
+    where: str,
+    caption: str,
+    meta: dict,
+) -> dict | None:
+    """A cached-latent sample -> {"latent", ["text"], "caption", "key", "meta"}. The flip takes the
+    same draw from rng as augment's, so a stream picks the same flips from a cache as from images."""
+    key = LATENT_KEY
+    if rng is not None and cfg.random_flip and rng.random() < 0.5:
+        if LATENT_FLIP_KEY not in sample:
+            raise CacheError(
+                f"{where} has no flipped latents (cached with data.random_flip=false): train with "
+                "data.random_flip=false, or cache again with data.random_flip=true"
+            )
+        key = LATENT_FLIP_KEY
+    try:
+        decoded = {"latent": load_array(sample[key])}
+        if TEXT_KEY in sample:
+            decoded["text"] = load_array(sample[TEXT_KEY])
+    except ValueError as error:  # a truncated or foreign .npy
+        stats.skip("unreadable latents", where, error)
+        return None
+    stats.ok += 1
+    return {**decoded, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 
 
 def augment(image: torch.Tensor, cfg: LoaderConfig, rng: random.Random) -> torch.Tensor:
@@ -379,8 +426,15 @@ def augment(image: torch.Tensor, cfg: LoaderConfig, rng: random.Random) -> torch
 
 
 def collate(samples: list[dict], stats: StreamStats) -> dict[str, Any]:
+    tensors = {}
+    for name in ("image", "latent", "text"):
+        present = [s[name] for s in samples if name in s]
+        if present and len(present) != len(samples):
+            raise CacheError(f"a batch mixes samples with and without {name!r}: mixed shard kinds")
+        if present:
+            tensors[name] = torch.stack(present)
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        **tensors,
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],

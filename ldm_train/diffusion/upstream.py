@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_train.config import UserError
 
@@ -88,10 +89,28 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def no_autocast(device: torch.device) -> torch.autocast:
+    """Mixed precision off: the VAE runs in its own dtype (fp32). SD's VAE overflows in fp16, and
+    bf16 latents would lose the precision the U-Net is trained to match."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's output per latent cell, B x 2C x h x w (mean, log-variance): the
+    parameters of diffusers' DiagonalGaussianDistribution, what a latent cache stores."""
+    with no_autocast(images.device):
+        return vae.encode(images.to(vae.dtype)).latent_dist.parameters
+
+
+def moments_to_distribution(moments: torch.Tensor) -> torch.Tensor:
+    """B x 2C x h x w moments -> B x 2 x C x h x w (mean, std), via diffusers' Gaussian."""
+    dist = DiagonalGaussianDistribution(moments)
+    return torch.stack([dist.mean, dist.std], dim=1)
+
+
 def latent_distribution(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """The VAE encoder's Gaussian per latent cell: B x 2 x C x h x w (mean, std)."""
-    dist = vae.encode(images.to(vae.dtype)).latent_dist
-    return torch.stack([dist.mean, dist.std], dim=1)
+    return moments_to_distribution(vae_moments(vae, images))
 
 
 def sample_latents(
@@ -119,7 +138,8 @@ def decode_latents(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Te
     if vae is None:
         return latents.clamp(-1, 1)
     scale, shift = latent_scale(vae)
-    return vae.decode(latents.to(vae.dtype) / scale + shift).sample.clamp(-1, 1)
+    with no_autocast(latents.device):
+        return vae.decode(latents.to(vae.dtype) / scale + shift).sample.clamp(-1, 1)
 
 
 def text_context(

@@ -38,10 +38,12 @@ from ldm_train.diffusion.upstream import (
     TextEncoder,
     encode_images,
     latent_distribution,
+    moments_to_distribution,
     sample_latents,
     text_context,
     vae_scale_factor,
 )
+from ldm_train.perf import Attention, apply_switches, to_channels_last
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -128,13 +130,20 @@ class UnetStage(StageModule):
         text_layer: str | None = None,
         cache_text: int = 0,
         cache_latents: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
+        attention: Attention = "sdpa",
     ):
         """net: a UNet2DConditionModel, or a factory (the preset as a partial) that gets in_channels,
         cross_attention_dim and sample_size from the VAE and the text encoder where left null.
         vae / text_encoder: frozen upstream parts; None trains in pixel space / unconditionally.
         cache_text / cache_latents: keep this many captions' hidden states / training images'
         latent Gaussians (by sample key) instead of recomputing them; latents only when the image
-        transforms are deterministic (no random flip or crop)."""
+        transforms are deterministic (no random flip or crop). Batches from latent-cache shards
+        (python -m ldm_train.cache_latents) bring their own latent moments and hidden states.
+        channels_last / compile / gradient_checkpointing / attention: speed switches on the U-Net
+        (ldm_train.perf)."""
         super().__init__(optimizer, scheduler)
         if not 0.0 <= caption_dropout <= 1.0:
             raise UserError(f"stage.module.caption_dropout={caption_dropout}; need 0 <= p <= 1")
@@ -154,6 +163,15 @@ class UnetStage(StageModule):
         if text_encoder is None and not isinstance(net, UNet2DConditionModel):
             context_width = dict(getattr(net, "keywords", {})).get("cross_attention_dim") or 1
         self.net = build_net(net, latent_channels, context_width, image_size // factor)
+        apply_switches(
+            self.net,
+            channels_last=channels_last,
+            compile=compile,
+            gradient_checkpointing=gradient_checkpointing,
+            attention=attention,
+        )
+        self.channels_last = channels_last
+        self._empty_context: torch.Tensor | None = None
         self.noise_scheduler = noise_scheduler
         self._vae, self._text_encoder = Frozen(vae), Frozen(text_encoder)
         self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
@@ -220,29 +238,68 @@ class UnetStage(StageModule):
 
     def predictor(self, context: torch.Tensor) -> Callable:
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.net(x_t.to(self.net.dtype), t, encoder_hidden_states=context).sample
+            x_t = to_channels_last(x_t.to(self.net.dtype), self.channels_last)
+            return self.net(x_t, t, encoder_hidden_states=context).sample
 
         return predict
 
+    def batch_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """x0 of a training batch: from the images, or sampled from cached latent moments (the
+        same draw from the generator, so the same x0 as encoding the images here)."""
+        if "latent" not in batch:
+            return self.encode(batch["image"], batch.get("key"), generator)
+        vae = self.vae
+        if vae is None:
+            raise UserError(
+                "the training shards hold cached latents but stage.vae=null (pixel space): point "
+                "data.train_urls at image shards, or set stage.vae to the VAE of the cache"
+            )
+        moments = batch["latent"].to(self.device, torch.float32)
+        channels, height, width = self.latent_shape
+        if tuple(moments.shape[1:]) != (2 * channels, height, width):
+            raise UserError(
+                f"cached latent moments are {tuple(moments.shape[1:])}, this VAE and "
+                f"data.image_size give {(2 * channels, height, width)}: cache again with the same "
+                "stage.vae and data.image_size (python -m ldm_train.cache_latents)"
+            )
+        return sample_latents(vae, moments_to_distribution(moments), generator)
+
+    def batch_context(self, batch: dict, captions: list[str], dropped: list[bool]) -> torch.Tensor:
+        """Cross-attention context of a training batch: the text encoder on the captions (dropped
+        ones as ""), or the cached hidden states with the dropped rows replaced by ""'s."""
+        if "text" not in batch or self._text_encoder.module is None:
+            return self.context(["" if d else c for c, d in zip(captions, dropped, strict=True)])
+        hidden_states = batch["text"].to(self.device, torch.float32)
+        width = self.net.config.cross_attention_dim
+        if hidden_states.shape[-1] != width:
+            raise UserError(
+                f"cached text hidden states are {hidden_states.shape[-1]} wide, the U-Net attends "
+                f"to {width}: cache again with the same stage.text_encoder and stage.text_layer"
+            )
+        if any(dropped):
+            if self._empty_context is None or self._empty_context.device != self.device:
+                self._empty_context = self.context([""])[0].float()  # frozen encoder: computed once
+            mask = torch.tensor(dropped, device=self.device)[:, None, None]
+            hidden_states = torch.where(mask, self._empty_context, hidden_states)
+        return hidden_states.to(self.net.dtype)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
         generator = step_generator(
             self.device, self.seed, self.global_rank, self.global_step, batch_idx
         )
         captions = list(batch["caption"])
+        dropped = [False] * len(captions)
         if self._text_encoder.module is not None and self.caption_dropout > 0:
             drop = torch.rand(len(captions), generator=generator, device=self.device)
-            captions = [
-                "" if d < self.caption_dropout else c
-                for c, d in zip(captions, drop.tolist(), strict=True)
-            ]
+            dropped = [d < self.caption_dropout for d in drop.tolist()]
         with torch.no_grad():
-            x0 = self.encode(images, batch.get("key"), generator)
+            x0 = self.batch_latents(batch, generator)
+            context = self.batch_context(batch, captions, dropped)
         steps = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (len(x0),), generator=generator, device=self.device)
         noise = sample_noise(x0.shape, generator, self.device, self.offset_noise)
         losses = diffusion_loss(
-            self.predictor(self.context(captions)),
+            self.predictor(context),
             self.noise_scheduler,
             x0,
             t,

@@ -1,0 +1,247 @@
+"""python -m ldm_train.cache_latents: encode the training shards once with the frozen VAE and text
+encoder, so that stage=unet trains from the results instead of running both at every step.
+
+    python -m ldm_train.cache_latents [--out DIR] [--dtype float16] [OVERRIDES ...]
+    python -m ldm_train stage=unet "data.train_urls='DIR/train-{000000..000015}.tar'"
+
+OVERRIDES are the stage=unet command's (data=..., data.image_size=..., stage.vae=...,
+stage.text_encoder=..., stage.text_layer=...): the cache is made with exactly the parts and image
+transforms that run would use. One output shard per input shard, same order and sample keys, each
+sample holding
+    latent.npy       the VAE encoder's moments, 2C x h x w (mean, log-variance): the latent is
+                     sampled from this Gaussian at every step, with the step's generator, as it is
+                     when encoding on the fly (the same x0 bit for bit in float32)
+    latent_flip.npy  the same for the mirrored image, when data.random_flip is on (the loader picks
+                     one with the draw that would have flipped the image)
+    text.npy         the text encoder's hidden states, L x D (caption dropout is applied at train
+                     time: dropped rows get the empty caption's hidden states)
+    txt, json        the caption and the metadata, as in the source
+plus cache.json beside the shards (what made it). The training stream (shuffle, resume, DDP and
+worker split) is the same code as for images. Shards are written atomically and ones already there
+are kept, so an interrupted run continues where it stopped; --part K/N caches every N-th shard from
+the K-th, for N processes (or machines) sharing the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from omegaconf import DictConfig
+
+from ldm_train.config import UserError, compose_config
+from ldm_train.data.datamodule import WebDataModule, check_shards_exist
+from ldm_train.data.pipeline import (
+    LATENT_FLIP_KEY,
+    LATENT_KEY,
+    TEXT_KEY,
+    StreamStats,
+    decode_sample,
+    image_transform,
+    read_pass,
+)
+from ldm_train.diffusion.upstream import text_context, vae_moments, vae_scale_factor
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "cache.json"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def batched(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def encode_batch(
+    samples: list[dict], vae, text_encoder, flips: bool, device: torch.device
+) -> list[dict[str, np.ndarray]]:
+    """Latent moments (and those of the mirrored images) and hidden states of decoded samples."""
+    images = torch.stack([s["image"] for s in samples]).to(device)
+    arrays: dict[str, torch.Tensor] = {LATENT_KEY: vae_moments(vae, images)}
+    if flips:
+        arrays[LATENT_FLIP_KEY] = vae_moments(vae, images.flip(-1))
+    if text_encoder is not None:
+        captions = [s["caption"] for s in samples]
+        arrays[TEXT_KEY] = text_context(text_encoder, captions, text_encoder.width, device)
+    as_numpy = {name: value.float().cpu().numpy() for name, value in arrays.items()}
+    return [{name: value[i] for name, value in as_numpy.items()} for i in range(len(samples))]
+
+
+def cache_shard(
+    url: str,
+    out_file: Path,
+    data_cfg: Any,
+    vae,
+    text_encoder,
+    batch_size: int,
+    dtype: np.dtype,
+    device: torch.device,
+) -> StreamStats:
+    """One source shard -> one cache shard (written to a temporary name, then moved into place)."""
+    stats = StreamStats()
+    transform = image_transform(data_cfg, train=False)  # resize + centre crop, no flip
+    decoded = (
+        sample
+        for raw in read_pass([url], 0, 1, stats)
+        if (sample := decode_sample(raw, data_cfg, transform, stats)) is not None
+    )
+    partial = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    with wds.TarWriter(str(partial)) as sink:
+        for samples in batched(decoded, batch_size):
+            encoded = encode_batch(samples, vae, text_encoder, data_cfg.random_flip, device)
+            for sample, arrays in zip(samples, encoded, strict=True):
+                record = {"__key__": sample["key"], "txt": sample["caption"]}
+                if sample["meta"]:
+                    record["json"] = sample["meta"]
+                record.update({name: value.astype(dtype) for name, value in arrays.items()})
+                sink.write(record)
+    partial.replace(out_file)
+    return stats
+
+
+def cache_latents(
+    cfg: DictConfig,
+    out_dir: str | Path | None = None,
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    device: str | None = None,
+    part: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """Cache cfg.data's training shards for cfg.stage (a stage=unet config); returns what
+    cache.json holds, including "train_urls", the pattern to train from."""
+    from ldm_train.train import build  # keeps UserErrors of the upstream loaders one line
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not valid; choose one of: {', '.join(DTYPES)}")
+    if cfg.stage.name != "unet":
+        raise UserError("cache_latents reads stage=unet's config (stage.vae, stage.text_encoder)")
+    out_dir = Path(
+        out_dir or Path(cfg.paths.output_root) / cfg.experiment_name / f"latents-{cfg.data.name}"
+    )
+    datamodule = WebDataModule.from_config(cfg.data)
+    loader = datamodule.loader
+    if loader.crop == "random":
+        raise UserError(
+            "data.crop=random cannot be cached (every step would need a new crop of the image); "
+            "cache with data.crop=center"
+        )
+    vae = build(cfg.stage.module.vae)
+    if vae is None:
+        raise UserError("stage.vae=null (pixel space): there are no latents to cache")
+    text_encoder = build(cfg.stage.module.text_encoder)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae.to(torch_device)
+    if text_encoder is not None:
+        text_encoder.to(torch_device)
+    datamodule.prepare_data()  # makes the embedded dataset if it is missing
+    urls = datamodule.train_urls
+    check_shards_exist(urls, "data.train_urls")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index, parts = part
+    written, kept, totals = 0, 0, StreamStats()
+    for number, url in enumerate(urls):
+        if number % parts != index:
+            continue
+        out_file = out_dir / f"train-{number:06d}.tar"
+        if out_file.is_file():
+            kept += 1
+            continue
+        stats = cache_shard(
+            url,
+            out_file,
+            loader,
+            vae,
+            text_encoder,
+            batch_size or loader.batch_size,
+            DTYPES[dtype],
+            torch_device,
+        )
+        totals.ok += stats.ok
+        totals.skipped.update(stats.skipped)
+        written += 1
+        log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
+    info = {
+        "train_urls": f"{out_dir}/train-{{000000..{len(urls) - 1:06d}}}.tar",
+        "source_urls": urls,
+        "vae": cfg.stage.vae,
+        "text_encoder": cfg.stage.text_encoder,
+        "text_layer": cfg.stage.text_layer if text_encoder is not None else None,
+        "image_size": loader.image_size,
+        "flips": loader.random_flip,
+        "dtype": dtype,
+        "latent_moments": moments_shape(vae, loader.image_size),
+        "shards_written": written,
+        "shards_kept": kept,
+        "samples_written": totals.ok,
+        "skipped": dict(totals.skipped),
+    }
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def moments_shape(vae, image_size: int) -> list[int]:
+    """2C x h x w: what latent.npy holds for this VAE and image size."""
+    side = image_size // vae_scale_factor(vae)
+    return [2 * vae.config.latent_channels, side, side]
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        index, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part {text}: write K/N, e.g. 0/4") from None
+    if not 0 <= index < parts:
+        raise UserError(f"--part {text}: need 0 <= K < N")
+    return index, parts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm_train.cache_latents",
+        description="Encode the training shards with the frozen VAE and text encoder of stage=unet.",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m ldm_train")
+    parser.add_argument(
+        "--out", help="output folder (default: outputs/<experiment>/latents-<data>)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--batch-size", type=int, help="images per encoder call (data.batch_size)")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--part", default="0/1", help="K/N: cache every N-th shard from the K-th")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = compose_config(["stage=unet", *args.overrides])
+        info = cache_latents(
+            cfg, args.out, args.dtype, args.batch_size, args.device, parse_part(args.part)
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"cached {info['samples_written']} samples into {info['shards_written']} shards "
+        f"({info['shards_kept']} already there); train from them with:\n"
+        f"  python -m ldm_train stage=unet \"data.train_urls='{info['train_urls']}'\""
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Speed switches a stage applies to its trainable net (stage.module.<switch> in the config).
+
+Each is a library's own mechanism, applied in place so parameter names, checkpoints, the EMA copy
+and exports stay as without it:
+- channels_last: torch's NHWC memory format for the weights (inputs follow in the stage); faster
+  convolutions on tensor cores and oneDNN.
+- compile: nn.Module.compile (torch.compile of the module's forward, in place; `torch.compile(net)`
+  would wrap it and prefix every state_dict key with `_orig_mod.`).
+- gradient_checkpointing: diffusers' enable_gradient_checkpointing / open_clip's
+  set_grad_checkpointing: recompute activations in the backward pass, less memory, ~30% more time.
+- attention (diffusers nets): "sdpa" is diffusers' default AttnProcessor2_0
+  (torch.nn.functional.scaled_dot_product_attention: flash / memory-efficient kernels on GPUs);
+  "eager" is the classic AttnProcessor (explicit softmax(QK^T)V), for comparison and debugging.
+Precision (trainer.precision), fused / foreach AdamW (stage.module.optimizer.fused / .foreach) and
+gradient accumulation (trainer.accumulate_grad_batches) are Lightning's and torch's options as
+they are; the frozen VAE runs in fp32 under mixed precision (ldm_train.diffusion.upstream).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+from ldm_train.config import check_choice
+
+Attention = Literal["sdpa", "eager"]
+ATTENTION_KINDS: tuple[str, ...] = get_args(Attention)
+
+
+def set_attention(net: torch.nn.Module, kind: Attention) -> None:
+    """Every attention layer of a diffusers net to the given processor."""
+    check_choice("stage.module.attention", kind, ATTENTION_KINDS)
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    net.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+
+def apply_switches(
+    net: torch.nn.Module,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    gradient_checkpointing: bool = False,
+    attention: Attention | None = None,
+) -> torch.nn.Module:
+    """The switches on `net`, in place; returns net."""
+    if attention is not None:
+        set_attention(net, attention)
+    if gradient_checkpointing:
+        if hasattr(net, "enable_gradient_checkpointing"):  # diffusers ModelMixin
+            net.enable_gradient_checkpointing()
+        else:  # open_clip CLIP
+            net.set_grad_checkpointing(True)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compile:
+        net.compile()
+    return net
+
+
+def to_channels_last(x: torch.Tensor, on: bool) -> torch.Tensor:
+    """A 4-d input in NHWC memory order when channels_last is on (else unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if on and x.dim() == 4 else x
