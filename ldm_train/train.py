@@ -80,7 +80,7 @@ def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
 
 
 def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
-    callbacks = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec]
+    callbacks = [build(spec) for spec in (cfg.get("callbacks") or {}).values() if spec]
     if logger is None:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks
