@@ -26,7 +26,7 @@ from ldm_train.stages.vae import VaeStage
 from ldm_train.train import train
 
 # A smaller autoencoder than the tiny preset for the runs below: wiring, not quality, is tested.
-SMALL_NET = ["model.net.block_out_channels=[8,16,16]", "model.net.norm_num_groups=8"]
+SMALL_NET = ["model.net.block_out_channels=[8,16,16]"]
 SMALL_DISC = [
     "stage.module.loss.disc_weight=0.5",
     "stage.module.loss.discriminator.channels=8",

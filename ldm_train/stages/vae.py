@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,6 +104,17 @@ class VaeStage(StageModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # -- training ----------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if not self.automatic_optimization:
+            # ModelCheckpoint warns at every save in manual optimization that the checkpoint holds
+            # the weights after the optimizer step: here that is right (global_step counts
+            # completed steps), so the warning is noise.
+            warnings.filterwarnings(
+                "ignore",
+                message="Using ModelCheckpoint with manual optimization",
+                category=UserWarning,
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         images = batch["image"]
@@ -218,8 +230,8 @@ def init_posterior_logvar(net: AutoencoderKL, logvar: float) -> None:
     """Start the encoder's posterior at this log-variance, via the bias of the layer that outputs it.
 
     diffusers starts it near 0 (std 1), so at first the decoder sees latents drowned in noise, and
-    Adam lowers it only by about lr per step: on a short run that noise, not the autoencoder's
-    capacity, limits the reconstructions. With kl_weight 1e-6 the KL hardly pulls it back up.
+    Adam lowers it only by about lr per step: a short run spends much of itself getting there.
+    With kl_weight 1e-6 the KL hardly pulls it back up.
     """
     layer = net.quant_conv if net.quant_conv is not None else net.encoder.conv_out
     with torch.no_grad():  # moments = [mean, logvar] along the channels
