@@ -5,7 +5,8 @@ and exports stay as without it:
 - channels_last: torch's NHWC memory format for the weights (inputs follow in the stage); faster
   convolutions on tensor cores and oneDNN.
 - compile: nn.Module.compile (torch.compile of the module's forward, in place; `torch.compile(net)`
-  would wrap it and prefix every state_dict key with `_orig_mod.`).
+  would wrap it and prefix every state_dict key with `_orig_mod.`); compile_backend: torch.compile's
+  backend (inductor generates kernels; eager only captures graphs, to debug the wiring quickly).
 - gradient_checkpointing: diffusers' enable_gradient_checkpointing / open_clip's
   set_grad_checkpointing: recompute activations in the backward pass, less memory, ~30% more time.
 - attention (diffusers nets): "sdpa" is diffusers' default AttnProcessor2_0
@@ -41,6 +42,7 @@ def apply_switches(
     *,
     channels_last: bool = False,
     compile: bool = False,
+    compile_backend: str = "inductor",
     gradient_checkpointing: bool = False,
     attention: Attention | None = None,
 ) -> torch.nn.Module:
@@ -55,7 +57,7 @@ def apply_switches(
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if compile:
-        net.compile()
+        net.compile(backend=compile_backend)
     return net
 
 

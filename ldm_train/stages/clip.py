@@ -37,6 +37,7 @@ from ldm_train.losses.contrastive import (
     build_contrastive_loss,
     contrastive_terms,
 )
+from ldm_train.perf import apply_switches, to_channels_last
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,24 @@ class ClipStage(StageModule):
         image_mean: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN,
         image_std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD,
         export_name: str = "ldm-train-clip",
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__(optimizer, scheduler)
         check_choice("stage.module.loss", loss, LOSS_KINDS)
         model_cfg = getattr(net, "model_cfg", None)
         if model_cfg is None:
             raise UserError("ClipStage needs a net made by ldm_train.stages.clip.build_clip")
-        self.net = net
+        self.net = apply_switches(  # speed switches (ldm_train.perf)
+            net,
+            channels_last=channels_last,
+            compile=compile,
+            compile_backend=compile_backend,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.channels_last = channels_last
         self.net.output_dict = True  # as open_clip_train runs it: features + logit scale by name
         self.model_cfg = copy.deepcopy(model_cfg)
         self.tokenizer = tokenizer
@@ -220,7 +232,8 @@ class ClipStage(StageModule):
         """open_clip's outputs: image_features, text_features (normalised), logit_scale (exp),
         logit_bias (SigLIP only)."""
         tokens = self.tokenizer(list(captions)).to(self.device)
-        return self.net(self.normalize(images), tokens)
+        images = to_channels_last(self.normalize(images), self.channels_last)
+        return self.net(images, tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"], batch["caption"])

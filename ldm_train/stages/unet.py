@@ -132,6 +132,7 @@ class UnetStage(StageModule):
         cache_latents: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_backend: str = "inductor",
         gradient_checkpointing: bool = False,
         attention: Attention = "sdpa",
     ):
@@ -167,6 +168,7 @@ class UnetStage(StageModule):
             self.net,
             channels_last=channels_last,
             compile=compile,
+            compile_backend=compile_backend,
             gradient_checkpointing=gradient_checkpointing,
             attention=attention,
         )

@@ -1,0 +1,184 @@
+"""The speed switches (ldm_train/perf.py, stage.module.* and trainer.* keys): each trains a step
+through the real train() on the CPU with tiny nets, and does what it says."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
+
+from ldm_train.diffusion.upstream import vae_moments
+from ldm_train.train import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log", "ignore::UserWarning")
+
+# One step, no validation and no export-time sampling: the tests check the switch, not the run.
+ONE_STEP = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "logger=none"]
+CLIP_SMALL = ["model.net.text_cfg.layers=1", "model.net.embed_dim=32"]
+
+
+def optimizer(objects) -> torch.optim.Optimizer:
+    return objects["trainer"].optimizers[0]
+
+
+def unet_net(objects):
+    return objects["module"].net
+
+
+def processors(objects) -> set[type]:
+    return {type(p) for p in unet_net(objects).attn_processors.values()}
+
+
+def is_channels_last(weight: torch.Tensor) -> bool:
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+Check = Callable[[dict, dict], bool]
+# id: (stage, overrides, check(objects, counts)); counts["sdpa"]: calls of torch's SDPA in the run.
+SWITCHES: dict[str, tuple[str, list[str], Check]] = {
+    "unet-bf16-mixed": (
+        "unet",
+        ["trainer.precision=bf16-mixed"],
+        lambda o, c: (
+            o["trainer"].precision == "bf16-mixed"
+            and unet_net(o).dtype == torch.float32  # mixed: fp32 weights, bf16 compute
+            and o["module"].vae.dtype == torch.float32
+        ),
+    ),
+    "unet-channels-last": (
+        "unet",
+        ["stage.module.channels_last=true"],
+        lambda o, c: is_channels_last(unet_net(o).conv_in.weight),
+    ),
+    "unet-gradient-checkpointing": (
+        "unet",
+        ["stage.module.gradient_checkpointing=true"],
+        lambda o, c: unet_net(o).is_gradient_checkpointing,
+    ),
+    "unet-fused-adamw": (
+        "unet",
+        ["stage.module.optimizer.fused=true"],
+        lambda o, c: optimizer(o).defaults["fused"] is True,
+    ),
+    "unet-foreach-adamw": (
+        "unet",
+        ["stage.module.optimizer.foreach=true"],
+        lambda o, c: optimizer(o).defaults["foreach"] is True,
+    ),
+    "unet-sdpa-attention": (  # the default: diffusers' AttnProcessor2_0 calls torch's SDPA
+        "unet",
+        [],
+        lambda o, c: processors(o) == {AttnProcessor2_0} and c["sdpa"] > 0,
+    ),
+    "unet-eager-attention": (
+        "unet",
+        ["stage.module.attention=eager"],
+        lambda o, c: processors(o) == {AttnProcessor} and c["sdpa"] == 0,
+    ),
+    "unet-accumulate-2": (  # one optimizer step from two batches
+        "unet",
+        ["trainer.accumulate_grad_batches=2"],
+        lambda o, c: (
+            o["trainer"].global_step == 1
+            and o["trainer"].fit_loop.epoch_loop.batch_progress.total.completed == 2
+        ),
+    ),
+    "clip-bf16-mixed": (
+        "clip",
+        [*CLIP_SMALL, "trainer.precision=bf16-mixed"],
+        lambda o, c: o["trainer"].precision == "bf16-mixed",
+    ),
+    "clip-channels-last": (
+        "clip",
+        [*CLIP_SMALL, "stage.module.channels_last=true"],
+        lambda o, c: is_channels_last(o["module"].net.visual.conv1.weight),
+    ),
+    "clip-gradient-checkpointing": (
+        "clip",
+        [*CLIP_SMALL, "stage.module.gradient_checkpointing=true"],
+        lambda o, c: o["module"].net.transformer.grad_checkpointing,
+    ),
+    "clip-foreach-adamw": (
+        "clip",
+        [*CLIP_SMALL, "stage.module.optimizer.fused=false", "+stage.module.optimizer.foreach=true"],
+        lambda o, c: optimizer(o).defaults["foreach"] is True,
+    ),
+    "vae-bf16-mixed": ("vae", ["trainer.precision=bf16-mixed"], lambda o, c: True),
+}
+
+
+@pytest.fixture
+def stage_cfg(make_cfg, upstream):  # noqa: F811
+    def compose(stage: str, *overrides: str):
+        extra = [f"stage.vae={upstream['vae']}", f"stage.text_encoder={upstream['clip']}"]
+        return make_cfg(
+            f"stage={stage}",
+            *(extra + QUICK_SAMPLES if stage == "unet" else []),
+            *ONE_STEP,
+            *overrides,
+        )
+
+    return compose
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> dict[str, int]:
+    """Counts calls of torch.nn.functional.scaled_dot_product_attention (looked up at call time)
+    made inside the U-Net's forward (the text encoder calls it too)."""
+    counts = {"sdpa": 0, "depth": 0}
+    sdpa, forward = torch.nn.functional.scaled_dot_product_attention, UNet2DConditionModel.forward
+
+    def counted(*args, **kwargs):
+        counts["sdpa"] += counts["depth"] > 0
+        return sdpa(*args, **kwargs)
+
+    def unet_forward(self, *args, **kwargs):
+        counts["depth"] += 1
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            counts["depth"] -= 1
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_forward)
+    return counts
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_switch_trains_a_step(switch, stage_cfg, sdpa_calls):
+    stage, overrides, check = SWITCHES[switch]
+    metrics, objects = train(stage_cfg(stage, *overrides))
+    assert objects["trainer"].global_step == 1
+    losses = [v for k, v in metrics.items() if k.startswith("train/") and "step" not in k]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses), metrics
+    assert check(objects, sdpa_calls), switch
+
+
+@pytest.mark.parametrize(
+    "backend",
+    # inductor: compiling even a tiny U-Net's forward and backward takes minutes on 2 CPU cores
+    ["eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_compiled_unet_trains_a_step(backend, stage_cfg):
+    compiled = ["stage.module.compile=true", f"stage.module.compile_backend={backend}"]
+    metrics, objects = train(stage_cfg("unet", *compiled))
+    net = objects["module"].net
+    assert net._compiled_call_impl is not None  # nn.Module.compile, in place
+    assert all(not k.startswith("_orig_mod") for k in net.state_dict())  # checkpoints unchanged
+    assert torch.isfinite(torch.tensor(metrics["train/mse"]))
+
+
+def test_the_vae_stays_fp32_under_autocast(upstream):  # noqa: F811
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(upstream["vae"]).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = vae_moments(vae, images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            moments = vae_moments(vae, images)
+    assert moments.dtype == torch.float32 and torch.equal(moments, expected)
