@@ -86,6 +86,18 @@ def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
     return callbacks
 
 
+def strategy_for(module: L.LightningModule, strategy: Any) -> Any:
+    """trainer.strategy, with DDP told to look for unused parameters where a stage needs that.
+
+    In manual optimization a stage steps its optimizers on separate losses (the VAE's autoencoder
+    and discriminator), so each backward leaves the other part's parameters without gradients,
+    which DDP refuses unless it looks for unused parameters (a graph traversal per step that the
+    other stages need not pay for)."""
+    if strategy == "ddp" and not module.automatic_optimization:
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
 def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint to resume from: ckpt_path if given, else last.ckpt of this run (resume=auto)."""
     checkpoints = run_dir / "checkpoints"
@@ -134,6 +146,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     logger = build_logger(cfg, resuming=ckpt_path is not None)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        strategy=strategy_for(module, cfg.trainer.get("strategy", "auto")),
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, logger),
         default_root_dir=str(run_dir),

@@ -1,0 +1,111 @@
+"""DDP through the real CLI: every stage trains with 2 CPU processes (gloo, strategy ddp), the ranks
+train on disjoint samples, and a checkpoint written under DDP resumes on one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+DDP = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+]
+STAGES = {
+    "clip": [],
+    "vae": [  # the discriminator on: two optimizers in manual optimization
+        "stage.module.loss.disc_weight=0.5",
+        "stage.module.loss.discriminator.channels=8",
+        "stage.module.loss.discriminator.n_layers=2",
+    ],
+    "unet": ["stage.module.samples_per_prompt=1", "stage.module.sampling.steps=2"],
+}
+
+
+class KeyRecorder(L.Callback):
+    """Writes the sample keys each rank trained on to <run_dir>/keys-rank<N>.json."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.keys.extend(batch["key"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / f"keys-rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.keys))
+
+
+def cli(tmp_path: Path, shards: dict, *extra: str) -> subprocess.CompletedProcess:
+    args = [
+        "-m",
+        "ldm_train",
+        "logger=csv",
+        f"paths.output_root={tmp_path / 'outputs'}",
+        f"data.train_urls='{shards['train_urls']}'",
+        f"data.val_urls='{shards['val_urls']}'",
+        "data.make_dataset=null",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.batches_per_epoch=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        f"+callbacks.keys={{_target_:{__name__}.KeyRecorder}}",
+        *extra,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
+    env.update(PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> list[str]:
+    """Tiny random exports of the VAE and the CLIP for stage=unet."""
+    from test_unet import write_tiny_clip, write_tiny_vae
+
+    root = tmp_path_factory.mktemp("upstream")
+    vae, clip = write_tiny_vae(root / "vae"), write_tiny_clip(root / "clip")
+    return [f"stage.vae={vae}", f"stage.text_encoder={clip}"]
+
+
+def global_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, tiny_shards, upstream):
+    options = [f"stage={stage}", *STAGES[stage], *(upstream if stage == "unet" else [])]
+    cli(tmp_path, tiny_shards, *options, *DDP, "trainer.max_steps=2")
+    run_dir = tmp_path / "outputs" / "shapes" / stage
+    assert global_step(run_dir) == 2
+    keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 2 * 8  # 2 steps of 8 samples on each rank
+    assert not set(keys[0]) & set(keys[1])  # 4 shards: each rank reads 2 of its own
+    if stage == "vae":  # the DDP checkpoint (both optimizers) goes on in one process
+        result = cli(tmp_path, tiny_shards, *options, "trainer.max_steps=3")
+        assert (
+            f"continuing from {run_dir / 'checkpoints' / 'last.ckpt'}"
+            in result.stdout + result.stderr
+        )
+        assert global_step(run_dir) == 3
