@@ -13,8 +13,9 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import UserError, check_choice, check_keys
@@ -86,15 +87,27 @@ def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
     return callbacks
 
 
-def strategy_for(module: L.LightningModule, strategy: Any) -> Any:
-    """trainer.strategy, with DDP told to look for unused parameters where a stage needs that.
+def build_strategy(module: L.LightningModule, spec: Any) -> Any:
+    """trainer.strategy (a name, or a config such as trainer=fsdp's), checked against the stage.
 
     In manual optimization a stage steps its optimizers on separate losses (the VAE's autoencoder
     and discriminator), so each backward leaves the other part's parameters without gradients,
     which DDP refuses unless it looks for unused parameters (a graph traversal per step that the
     other stages need not pay for)."""
-    if strategy == "ddp" and not module.automatic_optimization:
+    if spec == "ddp" and not module.automatic_optimization:
         return "ddp_find_unused_parameters_true"
+    if not isinstance(spec, DictConfig):
+        return spec
+    strategy = instantiate(spec)
+    if isinstance(strategy, FSDPStrategy) and any(
+        isinstance(c, WeightAveraging) for c in module.configure_callbacks() or []
+    ):
+        # Lightning's WeightAveraging keeps an unsharded copy: "sharded models do not work with
+        # weight averaging"; caught here rather than as a shape error inside the first step.
+        raise UserError(
+            "trainer=fsdp cannot keep an EMA of sharded weights (Lightning's weight averaging): "
+            "set model.ema_decay=null, or use trainer=ddp if the model fits on one GPU"
+        )
     return strategy
 
 
@@ -146,7 +159,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     logger = build_logger(cfg, resuming=ckpt_path is not None)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        strategy=strategy_for(module, cfg.trainer.get("strategy", "auto")),
+        strategy=build_strategy(module, cfg.trainer.get("strategy", "auto")),
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, logger),
         default_root_dir=str(run_dir),
