@@ -298,18 +298,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_transform(cfg: LoaderConfig, train: bool) -> v2.Compose:
-    """Shorter side to image_size (small images are upscaled), centre crop unless training with
-    random crops (see augment), scale to [-1, 1]."""
-    steps: list[Any] = [v2.Resize(cfg.image_size, antialias=True)]
-    if not (train and cfg.crop == "random"):
-        steps.append(v2.CenterCrop(cfg.image_size))
-    steps += [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize([0.5] * 3, [0.5] * 3),
-    ]
-    return v2.Compose(steps)
+class ImageTransform:
+    """PIL RGB image -> C x H x W float tensor in [-1, 1]: shorter side to image_size (small images
+    are upscaled), centre crop unless training with random crops (see augment).
+
+    What v2.Compose([Resize, CenterCrop, ToImage, ToDtype(scale=True), Normalize(0.5, 0.5)]) does,
+    written out because on small images those transforms' per-call overhead costs twice the PNG
+    decode itself (790 vs 250 us per 32 px image here): resize and crop run only when the size asks
+    for them, and the conversion is one numpy view and one in-place scale.
+    """
+
+    def __init__(self, cfg: LoaderConfig, train: bool):
+        self.size = cfg.image_size
+        self.resize = v2.Resize(self.size, antialias=True)
+        self.crop = None if (train and cfg.crop == "random") else v2.CenterCrop(self.size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if min(image.size) != self.size:
+            image = self.resize(image)
+        if self.crop is not None and image.size != (self.size, self.size):
+            image = self.crop(image)
+        array = np.array(image, dtype=np.uint8, copy=True)  # H x W x 3, writable
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def image_transform(cfg: LoaderConfig, train: bool) -> ImageTransform:
+    return ImageTransform(cfg, train)
 
 
 def read_meta(sample: dict) -> dict:
@@ -333,7 +347,7 @@ def read_caption(sample: dict, caption_keys: Sequence[str], meta: dict) -> str |
 def decode_sample(
     sample: dict,
     cfg: LoaderConfig,
-    transform: v2.Compose,
+    transform: ImageTransform,
     stats: StreamStats,
     rng: random.Random | None = None,
 ) -> dict | None:
