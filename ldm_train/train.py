@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -61,6 +63,21 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     return run_id
 
 
+def sweep_grouping(cfg: DictConfig) -> dict[str, str]:
+    """W&B group and run name of a multirun job: the sweep's jobs share one group, named after the
+    sweep's directory, and each run's name ends with the job's overrides. {} outside a multirun."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    job = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
+    return {
+        "group": f"{cfg.experiment_name}-{Path(hydra_cfg.sweep.dir).name}",
+        "name": f"{cfg.logger.name}[{job}]",
+    }
+
+
 def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
@@ -76,7 +93,10 @@ def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
         # wandb must never stop to ask for a login.
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = cfg.logger.get("id") or wandb_run_id(Path(cfg.paths.run_dir), resuming)
-        return instantiate(cfg.logger, offline=bool(offline), id=run_id, resume="allow")
+        names = {"group": cfg.experiment_name, **sweep_grouping(cfg)}
+        if cfg.logger.get("group"):  # the user's own group wins
+            names["group"] = cfg.logger.group
+        return instantiate(cfg.logger, offline=bool(offline), id=run_id, resume="allow", **names)
     return instantiate(cfg.logger)
 
 
