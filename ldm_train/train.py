@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import UserError, check_choice, check_keys
@@ -59,7 +60,10 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     if resuming and id_file.is_file():
         return id_file.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B takes any [a-z0-9] id
-    id_file.write_text(run_id)
+    # Every DDP process builds a logger, but only rank 0 starts the W&B run: the others must not
+    # overwrite its id (the rank comes from the launcher's environment: RANK, LOCAL_RANK, SLURM_PROCID).
+    if rank_zero_only.rank == 0:
+        id_file.write_text(run_id)
     return run_id
 
 

@@ -1,5 +1,6 @@
-"""The FSDP preset (GPU only: here it composes, its strategy builds, its wrap policy finds the sd15
-U-Net's blocks, and the one combination it cannot run is a one-line error)."""
+"""Multi-GPU settings that a CPU can check: the FSDP preset (GPU only: here it composes, its
+strategy builds, its wrap policy finds the sd15 U-Net's blocks, and the one combination it cannot
+run is a one-line error), and what each DDP process may write."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import ShardingStrategy
 
 from ldm_train.config import UserError, compose_config
 from ldm_train.stages.unet import build_net
-from ldm_train.train import train
+from ldm_train.train import train, wandb_run_id
 
 
 def test_fsdp_preset_composes_and_its_strategy_builds():
@@ -39,3 +41,13 @@ def test_fsdp_with_the_unets_ema_is_a_one_line_error(make_cfg):
     )
     with pytest.raises(UserError, match="set model.ema_decay=null"):
         train(cfg)
+
+
+def test_only_rank_0_writes_the_wandb_run_id(tmp_path, monkeypatch):
+    # Every DDP process builds the logger; a rank > 0 must not replace the id of rank 0's W&B run.
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    wandb_run_id(tmp_path, resuming=False)
+    assert not (tmp_path / "wandb_run_id").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    run_id = wandb_run_id(tmp_path, resuming=False)
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
