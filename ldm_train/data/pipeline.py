@@ -202,6 +202,11 @@ class TrainStream(IterableDataset):
         self._restored = True
 
     def __iter__(self) -> Iterator[dict]:
+        # Not a generator: the epoch starts when iter() is called, not at its first batch. A
+        # persistent worker reports its state right after iter() at each epoch's start; a
+        # generator would still report the previous epoch as finished there, and a checkpoint
+        # taken before this worker's first batch of the new epoch (with 2 workers: one step into
+        # the epoch) would resume it as finished, losing its batches of that epoch.
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         per_epoch = self.cfg.batches_per_epoch
@@ -211,8 +216,11 @@ class TrainStream(IterableDataset):
         restored, self._restored = self._restored, False
         if self.position.epoch_batches >= mine:
             if restored:
-                return  # saved at the end of an epoch: its remainder is empty
+                return iter(())  # saved at the end of an epoch: its remainder is empty
             self.position.epoch_batches = 0  # the previous epoch is done: a new one
+        return self._epoch(mine)
+
+    def _epoch(self, mine: int) -> Iterator[dict]:
         while self.position.epoch_batches < mine:
             batch = next(self._batches)
             self.position.epoch_batches += 1  # before the yield: the worker's state includes it
@@ -221,6 +229,7 @@ class TrainStream(IterableDataset):
     def _samples(self) -> Iterator[dict]:
         slot, slots = worker_slot(self.rank, self.world_size)
         transform = image_transform(self.cfg, train=True)
+        augmenting = self.cfg.random_flip or self.cfg.crop == "random"
         position, attempts = self.position, 0
         for pass_index in itertools.count(position.pass_index):
             if pass_index != position.pass_index:
@@ -235,8 +244,13 @@ class TrainStream(IterableDataset):
             for sample in raw:
                 position.taken_in_pass += 1
                 attempts += 1
-                # Augmentation drawn from the sample's place in the stream, not a global RNG.
-                rng = random.Random(f"{order_seed}-{slot}-{position.taken_in_pass}")
+                # Augmentation drawn from the sample's place in the stream, not a global RNG
+                # (made only when there is augmentation to draw: seeding costs as much as a json).
+                rng = (
+                    random.Random(f"{order_seed}-{slot}-{position.taken_in_pass}")
+                    if augmenting
+                    else None
+                )
                 decoded = decode_sample(sample, self.cfg, transform, self.stats, rng)
                 if decoded is not None:
                     yield decoded
