@@ -63,6 +63,13 @@ def check_shards_exist(urls: list[str], option: str) -> None:
         )
 
 
+def batch_as_is(batch: dict) -> dict:
+    """The DataLoader's collate_fn: batches come ready from the workers. (Its default with
+    batch_size=None, default_convert, walks every caption and meta dict of the batch again: 15 us
+    per sample, a tenth of a 32 px sample's whole decoding.)"""
+    return batch
+
+
 class TrainLoader(StatefulDataLoader):
     """torchdata's StatefulDataLoader, whose state is that of the last batch Lightning trained on.
 
@@ -166,6 +173,7 @@ class WebDataModule(L.LightningDataModule):
         return loader(
             dataset,
             batch_size=None,  # batched inside the workers
+            collate_fn=batch_as_is,
             num_workers=workers,
             persistent_workers=train and workers > 0,
             pin_memory=torch.cuda.is_available(),
