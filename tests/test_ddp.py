@@ -1,5 +1,6 @@
 """DDP through the real CLI: every stage trains with 2 CPU processes (gloo, strategy ddp), the ranks
-train on disjoint samples, and a checkpoint written under DDP resumes on one process."""
+train on disjoint samples, a NaN loss on one rank skips the step on both, and a checkpoint written
+under DDP resumes on one process."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ DDP = [
     "trainer.devices=2",
     "trainer.precision=32-true",
 ]
+NAN_ON_RANK_1 = f"+callbacks.nan={{_target_:{__name__}.NanOnRank1}}"
 STAGES = {
     "clip": [],
     "vae": [  # the discriminator on: two optimizers in manual optimization
+        NAN_ON_RANK_1,  # (the VAE's loss is per rank: CLIP's gathers features from both ranks)
         "stage.module.loss.disc_weight=0.5",
         "stage.module.loss.discriminator.channels=8",
         "stage.module.loss.discriminator.n_layers=2",
@@ -45,6 +48,14 @@ class KeyRecorder(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         path = Path(trainer.default_root_dir) / f"keys-rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.keys))
+
+
+class NanOnRank1(L.Callback):
+    """Turns rank 1's images of step 1 into NaN: its loss only is NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 1:
+            batch["image"].fill_(float("nan"))
 
 
 def cli(tmp_path: Path, shards: dict, *extra: str) -> subprocess.CompletedProcess:
@@ -89,8 +100,12 @@ def upstream(tmp_path_factory) -> list[str]:
     return [f"stage.vae={vae}", f"stage.text_encoder={clip}"]
 
 
+def last_checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
 def global_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    return last_checkpoint(run_dir)["global_step"]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -102,6 +117,11 @@ def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, tiny_
     keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 2 * 8  # 2 steps of 8 samples on each rank
     assert not set(keys[0]) & set(keys[1])  # 4 shards: each rank reads 2 of its own
+    if NAN_ON_RANK_1 in options:  # both ranks skipped step 1, so rank 0's weights stay finite
+        checkpoint = last_checkpoint(run_dir)
+        assert checkpoint["callbacks"]["NonFiniteLossGuard"]["skipped"] == 1
+        weights = checkpoint["state_dict"].values()
+        assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
     if stage == "vae":  # the DDP checkpoint (both optimizers) goes on in one process
         result = cli(tmp_path, tiny_shards, *options, "trainer.max_steps=3")
         assert (
