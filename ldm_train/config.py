@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, without a traceback."""
+
+
+# Config choices that need an optional extra: (group, choice) -> (the plugin's module, its extra).
+PLUGIN_CHOICES = {
+    ("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
 
 
 def config_dir() -> Path:
@@ -61,6 +68,13 @@ def check_overrides(argv: Sequence[str]) -> None:
     except HydraException:
         return  # Hydra reports syntax errors itself
     groups = [o for o in overrides if (config_dir() / o.key_or_group.split("@")[0]).is_dir()]
+    for override in groups:
+        plugin = PLUGIN_CHOICES.get((override.key_or_group, str(override.value())))
+        if plugin and importlib.util.find_spec(plugin[0]) is None:
+            raise UserError(
+                f"{override.input_line} needs an optional extra: pip install 'ldm_train[{plugin[1]}]' "
+                f"(in a checkout: pip install -e '.[{plugin[1]}]')"
+            )
     if any(o.is_sweep_override() for o in groups):
         return  # one config per sweep job: Hydra checks each
     try:

@@ -3,6 +3,7 @@ plugin's, a multirun's W&B runs share a group, and the example sweep runs throug
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ldm_train.config import compose_config
+from ldm_train.config import UserError, check_overrides, compose_config
 from ldm_train.train import build_logger
 
 
@@ -121,3 +122,16 @@ def test_example_sweep_runs_two_jobs_in_one_wandb_group(tmp_path, tiny_shards):
     for job in jobs:  # the offline run's record holds the group it will be synced into
         (record,) = job.glob("wandb/offline-run-*/run-*.wandb")
         assert b"shapes-unet-multirun" in record.read_bytes()
+
+
+def test_slurm_launcher_without_its_extra_is_a_one_line_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("hydra_plugins") else real_find_spec(name, *a),
+    )
+    with pytest.raises(
+        UserError, match=r"hydra/launcher=slurm needs an optional extra: pip install"
+    ):
+        check_overrides(["-m", "hydra/launcher=slurm", "model.lr=1e-4,3e-4"])
