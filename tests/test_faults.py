@@ -175,3 +175,22 @@ def test_fit_ends_with_last_checkpoint_at_the_final_step_and_a_rerun_trains_no_m
     straight = run(12, "experiment_name=straight")
     assert first["module"].seen + more["module"].seen == straight["module"].seen
     assert isinstance(first["module"], Recorder)
+
+
+def test_final_checkpoint_goes_on_from_the_trained_weights_not_the_ema(make_cfg):
+    cfg = make_cfg(
+        "stage=unet",
+        *STAGES["unet"],
+        "trainer.max_steps=3",
+        "checkpoint_every_n_steps=2",
+        "trainer.limit_val_batches=0",
+    )
+    _, objects = train(cfg)
+    state = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 3
+    # state_dict: the EMA (what export and validation use); current_model_state: the trained
+    # weights a resumed run goes on from. Fit ends by copying the EMA into the model.
+    trained, ema = state["current_model_state"], state["state_dict"]
+    assert any(not torch.equal(trained[k], ema[k]) for k in ema if k.startswith("net."))
+    module = objects["module"].state_dict()
+    assert all(torch.equal(module[k], ema[k]) for k in ema if k.startswith("net."))
