@@ -1,6 +1,8 @@
-"""python -m benchmarks (make bench): run every benchmark and print its ratios."""
+"""python -m benchmarks (make bench): run every benchmark and print its ratios, one line a figure.
+One benchmark: python -m benchmarks.<loader|overhead|cache|memory>."""
 
-from benchmarks import loader
+from benchmarks import cache, loader, memory, overhead
 
 if __name__ == "__main__":
-    loader.main()
+    for benchmark in (loader, overhead, cache, memory):
+        benchmark.main()

@@ -67,6 +67,17 @@ def stage_config(stage: str, root: Path, out: Path, *overrides: str) -> DictConf
     )
 
 
+def write_upstream(out: Path) -> dict[str, Path]:
+    """Randomly initialised tiny VAE and CLIP exports: what stage=unet loads (its speed does not
+    depend on their weights)."""
+    vae_cfg = stage_config("vae", out, out)
+    vae = instantiate(vae_cfg.model.net, scaling_factor=1.0)
+    vae.save_pretrained(out / "vae")
+    clip = build(stage_config("clip", out, out).stage.module)
+    clip.export(out / "clip")
+    return {"vae": out / "vae", "clip": out / "clip"}
+
+
 class Clock:
     """Wall time and this process's CPU time. On a shared machine the wall time of a run depends on
     what else runs; the CPU time the training process spends per step does much less (work done in

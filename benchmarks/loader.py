@@ -24,7 +24,7 @@ from ldm_train.data.pipeline import LoaderConfig, image_transform
 
 BATCH = 64
 BATCHES = 12  # timed, after one batch of start-up (worker processes, first shard)
-RUNS = 3
+RUNS = 5  # each side, alternated; the best run counts
 WORKERS = (0, 1, 2)
 SIZES = {32: 2048, 128: 1024}  # image side: training images (8 shards)
 

@@ -28,6 +28,7 @@ from benchmarks.common import (
     ratio_line,
     setup_process,
     stage_config,
+    write_upstream,
 )
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.train import build
@@ -36,17 +37,6 @@ WARMUP = 3
 RUNS = 3  # each side, alternated
 # Steps per run and batch size per stage (clip: 128 instead of the preset's 512, to stay quick).
 PLAN = {"unet": (12, []), "vae": (20, []), "clip": (8, ["data.batch_size=128"])}
-
-
-def write_upstream(out: Path) -> dict[str, Path]:
-    """Randomly initialised tiny VAE and CLIP exports: what stage=unet loads (its speed does not
-    depend on their weights)."""
-    vae_cfg = stage_config("vae", out, out)
-    vae = instantiate(vae_cfg.model.net, scaling_factor=1.0)
-    vae.save_pretrained(out / "vae")
-    clip = build(stage_config("clip", out, out).stage.module)
-    clip.export(out / "clip")
-    return {"vae": out / "vae", "clip": out / "clip"}
 
 
 def preload(cfg, count: int) -> list[dict]:
