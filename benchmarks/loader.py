@@ -1,7 +1,8 @@
 """Loader throughput: images/s of our training stream (WebDataModule: seeded shuffle, per-sample
 augmentation RNG, skip accounting, checkpointable position, StatefulDataLoader) against a plain
 loop of tarfile + PIL decoding the same shards with the same transform, at the same DataLoader
-worker count (target >= 0.9); and how both scale with workers (0, 1, 2)."""
+worker count (target >= 0.9); and how both scale with workers (0, 1, 2). With 0 workers the ratio
+of CPU time is printed too: on a shared machine it is the steadier figure."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import itertools
 import json
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from benchmarks.common import alternate, best, make_data, setup_process
+from benchmarks.common import Clock, Rates, alternate, best, make_data, setup_process
 from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.data.pipeline import LoaderConfig, image_transform
 
@@ -60,14 +60,16 @@ class PlainTarImages(IterableDataset):
             return self.transform(image.convert("RGB")), sample["txt"].decode(), meta
 
 
-def images_per_second(batches: Iterator) -> float:
+def images_per_second(batches: Iterator) -> Rates:
+    """Images per second of wall time, and per CPU second of this process (with 0 workers all
+    the loading happens here, so the CPU rate is the one other processes' load does not blur)."""
     next(batches)
-    start = time.perf_counter()
+    clock = Clock()
     images = sum(
         len(batch["caption"] if isinstance(batch, dict) else batch[1])
         for batch in itertools.islice(batches, BATCHES)
     )
-    return images / (time.perf_counter() - start)
+    return clock.rates(images)
 
 
 def loader_config(workers: int, image_size: int) -> LoaderConfig:
@@ -81,7 +83,7 @@ def loader_config(workers: int, image_size: int) -> LoaderConfig:
     )
 
 
-def ours(urls: str, workers: int, image_size: int) -> float:
+def ours(urls: str, workers: int, image_size: int) -> Rates:
     datamodule = WebDataModule(urls, None, loader_config(workers, image_size))
     return images_per_second(iter(datamodule.train_dataloader()))
 
@@ -91,7 +93,7 @@ def keep_meta(samples: list[tuple]) -> tuple:
     return torch.stack(images), list(captions), list(metas)
 
 
-def plain(urls: str, workers: int, image_size: int) -> float:
+def plain(urls: str, workers: int, image_size: int) -> Rates:
     dataset = PlainTarImages(expand_urls(urls), loader_config(workers, image_size))
     loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=keep_meta)
     return images_per_second(iter(loader))
@@ -110,13 +112,18 @@ def main() -> None:
                     lambda: ours(urls, workers, image_size),  # noqa: B023 (called here)
                     lambda: plain(urls, workers, image_size),  # noqa: B023
                 )
-                rates[workers] = best(our_runs), best(plain_runs)
-                print(
+                rates[workers] = best(r.wall for r in our_runs), best(r.wall for r in plain_runs)
+                line = (
                     f"loader {image_size}px, {workers} workers: {rates[workers][0]:7.0f} img/s vs "
                     f"{rates[workers][1]:7.0f} img/s tarfile+PIL loop = "
-                    f"{rates[workers][0] / rates[workers][1]:.2f}x",
-                    flush=True,
+                    f"{rates[workers][0] / rates[workers][1]:.2f}x"
                 )
+                if workers == 0:
+                    cpu = best(r.cpu for r in our_runs), best(r.cpu for r in plain_runs)
+                    line += (
+                        f"; per CPU second: {cpu[0]:.0f} vs {cpu[1]:.0f} = {cpu[0] / cpu[1]:.2f}x"
+                    )
+                print(line, flush=True)
             for workers in WORKERS[1:]:
                 print(
                     f"loader {image_size}px scaling, {workers} vs 0 workers: ours "
