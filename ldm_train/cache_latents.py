@@ -38,7 +38,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
-from ldm_train.config import UserError, compose_config
+from ldm_train.config import UserError, check_overrides, compose_config
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
 from ldm_train.data.pipeline import (
     LATENT_FLIP_KEY,
@@ -132,9 +132,7 @@ def cache_latents(
         raise UserError(f"--dtype {dtype} is not valid; choose one of: {', '.join(DTYPES)}")
     if cfg.stage.name != "unet":
         raise UserError("cache_latents reads stage=unet's config (stage.vae, stage.text_encoder)")
-    out_dir = Path(
-        out_dir or Path(cfg.paths.output_root) / cfg.experiment_name / f"latents-{cfg.data.name}"
-    )
+    out_dir = Path(out_dir or Path(cfg.paths.output_root) / cfg.experiment_name / "latents")
     datamodule = WebDataModule.from_config(cfg.data)
     loader = datamodule.loader
     if loader.crop == "random":
@@ -218,16 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Encode the training shards with the frozen VAE and text encoder of stage=unet.",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m ldm_train")
-    parser.add_argument(
-        "--out", help="output folder (default: outputs/<experiment>/latents-<data>)"
-    )
+    parser.add_argument("--out", help="output folder (default: outputs/<experiment>/latents)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--batch-size", type=int, help="images per encoder call (data.batch_size)")
     parser.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--part", default="0/1", help="K/N: cache every N-th shard from the K-th")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_overrides(["stage=unet", *args.overrides])  # unknown keys: one line, closest named
         cfg = compose_config(["stage=unet", *args.overrides])
         info = cache_latents(
             cfg, args.out, args.dtype, args.batch_size, args.device, parse_part(args.part)
