@@ -23,8 +23,8 @@ from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.data.pipeline import LoaderConfig, image_transform
 
 BATCH = 64
-BATCHES = 12  # timed, after one batch of start-up (worker processes, first shard)
-RUNS = 5  # each side, alternated; the best run counts
+PASSES = 2  # timed: two passes over the data, less the first batch (worker start-up, first shard)
+RUNS = 3  # each side, alternated; the best run counts
 WORKERS = (0, 1, 2)
 SIZES = {32: 2048, 128: 1024}  # image side: training images (8 shards)
 
@@ -60,14 +60,20 @@ class PlainTarImages(IterableDataset):
             return self.transform(image.convert("RGB")), sample["txt"].decode(), meta
 
 
-def images_per_second(batches: Iterator) -> Rates:
+def timed_batches(image_size: int) -> int:
+    """Whole passes: a shuffle buffer reads ahead (two samples per sample while it fills up) and
+    drains at the end of a pass, so a window inside a pass would charge it too much or too little."""
+    return PASSES * SIZES[image_size] // BATCH - 1
+
+
+def images_per_second(batches: Iterator, image_size: int) -> Rates:
     """Images per second of wall time, and per CPU second of this process (with 0 workers all
     the loading happens here, so the CPU rate is the one other processes' load does not blur)."""
     next(batches)
     clock = Clock()
     images = sum(
         len(batch["caption"] if isinstance(batch, dict) else batch[1])
-        for batch in itertools.islice(batches, BATCHES)
+        for batch in itertools.islice(batches, timed_batches(image_size))
     )
     return clock.rates(images)
 
@@ -79,13 +85,13 @@ def loader_config(workers: int, image_size: int) -> LoaderConfig:
         num_workers=workers,
         shuffle_buffer=500,
         random_flip=False,
-        batches_per_epoch=BATCHES + 1,
+        batches_per_epoch=timed_batches(image_size) + 1,
     )
 
 
 def ours(urls: str, workers: int, image_size: int) -> Rates:
     datamodule = WebDataModule(urls, None, loader_config(workers, image_size))
-    return images_per_second(iter(datamodule.train_dataloader()))
+    return images_per_second(iter(datamodule.train_dataloader()), image_size)
 
 
 def keep_meta(samples: list[tuple]) -> tuple:
@@ -96,7 +102,7 @@ def keep_meta(samples: list[tuple]) -> tuple:
 def plain(urls: str, workers: int, image_size: int) -> Rates:
     dataset = PlainTarImages(expand_urls(urls), loader_config(workers, image_size))
     loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=keep_meta)
-    return images_per_second(iter(loader))
+    return images_per_second(iter(loader), image_size)
 
 
 def main() -> None:
