@@ -43,7 +43,7 @@ from ldm_train.diffusion.upstream import (
     text_context,
     vae_scale_factor,
 )
-from ldm_train.perf import Attention, apply_switches, to_channels_last
+from ldm_train.perf import Attention, apply_switches, to_channels_last, unet_training_flops
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,8 @@ class UnetStage(StageModule):
         )
         self.channels_last = channels_last
         self._empty_context: torch.Tensor | None = None
+        self._batch_shapes: tuple | None = None  # (x0, context) of the latest training batch
+        self._flops: dict[tuple, int] = {}
         self.noise_scheduler = noise_scheduler
         self._vae, self._text_encoder = Frozen(vae), Frozen(text_encoder)
         self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
@@ -245,6 +247,16 @@ class UnetStage(StageModule):
 
         return predict
 
+    @property
+    def flops_per_batch(self) -> int | None:
+        """U-Net forward + backward FLOPs of the latest training batch, counted once per batch
+        shape when asked: Lightning's ThroughputMonitor reads it to log FLOP/s and, on GPUs, the
+        model FLOP utilisation."""
+        shapes = self._batch_shapes
+        if shapes is not None and shapes not in self._flops:
+            self._flops[shapes] = unet_training_flops(dict(self.net.config), *shapes)
+        return self._flops.get(shapes)
+
     def batch_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """x0 of a training batch: from the images, or sampled from cached latent moments (the
         same draw from the generator, so the same x0 as encoding the images here)."""
@@ -297,6 +309,7 @@ class UnetStage(StageModule):
         with torch.no_grad():
             x0 = self.batch_latents(batch, generator)
             context = self.batch_context(batch, captions, dropped)
+        self._batch_shapes = (tuple(x0.shape), tuple(context.shape))
         steps = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (len(x0),), generator=generator, device=self.device)
         noise = sample_noise(x0.shape, generator, self.device, self.offset_noise)
