@@ -22,10 +22,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Makes the embedded dataset on first use and trains the default stage briefly on the CPU.
+# The whole chain on the embedded dataset (stage=all: clip -> vae -> unet -> generate and check);
+# about 20 minutes on 2 CPU cores. Prints the share of generated images that show their prompt.
 demo: install
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m ldm_train trainer.max_steps=$${STEPS:-50} \
-		trainer.accelerator=cpu
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m ldm_train stage=all $(ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks

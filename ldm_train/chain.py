@@ -58,10 +58,12 @@ def stage_overrides(cfg: DictConfig, stage: str, user: Sequence[str]) -> list[st
     """What `python -m ldm_train` gets for one stage of the chain; the user's overrides come last."""
     settings = cfg.stage.chain[stage]
     preset = cfg.model.get(stage, "tiny")
+    # max_steps null: the preset's own (model.max_steps, else trainer's default).
+    steps = settings.get("max_steps")
     return [
         f"stage={stage}",
         f"model={stage}/{preset}",
-        f"trainer.max_steps={settings.max_steps}",
+        *([f"trainer.max_steps={steps}"] if steps is not None else []),
         *settings.get("overrides", []),
         *user,
     ]
