@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -28,6 +29,26 @@ class StepCheckpoint(ModelCheckpoint):
         batch_idx: int,
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        final = 0 < trainer.max_steps <= trainer.global_step
-        if final and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        self._save_last_if_final(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A validation after the final step (e.g. at the epoch's end) may update what the stage
+        # keeps from it (the VAE's measured latent scale): last.ckpt is written again, with it.
+        # The EMA's average is swapped out again by now (it is copied in only at on_train_end).
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_final(trainer, again=True)
+
+    def _save_last_if_final(self, trainer: L.Trainer, again: bool = False) -> None:
+        """again: also when this step was saved already (ModelCheckpoint's own check skips it)."""
+        if not (self.save_last and 0 < trainer.max_steps <= trainer.global_step):
+            return
+        if again:
+            skip = (
+                bool(trainer.fast_dev_run)
+                or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking
+            )
+        else:
+            skip = self._should_skip_saving_checkpoint(trainer)
+        if not skip:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
