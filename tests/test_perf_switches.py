@@ -114,6 +114,21 @@ SWITCHES: dict[str, tuple[str, list[str], Check]] = {
         lambda o, c: optimizer(o).defaults["foreach"] is True,
     ),
     "vae-bf16-mixed": ("vae", ["trainer.precision=bf16-mixed"], lambda o, c: True),
+    "vae-channels-last": (
+        "vae",
+        ["stage.module.channels_last=true"],
+        lambda o, c: is_channels_last(o["module"].net.encoder.conv_in.weight),
+    ),
+    "vae-gradient-checkpointing": (
+        "vae",
+        ["stage.module.gradient_checkpointing=true"],
+        lambda o, c: o["module"].net.is_gradient_checkpointing,
+    ),
+    "vae-eager-attention": (
+        "vae",
+        ["stage.module.attention=eager"],
+        lambda o, c: {type(p) for p in o["module"].net.attn_processors.values()} == {AttnProcessor},
+    ),
 }
 
 
