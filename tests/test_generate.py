@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
 
+from ldm_train.chain import stage_overrides
 from ldm_train.config import compose_config
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.generate import load_pipeline, main
@@ -131,3 +132,15 @@ def test_chain_trains_all_stages_and_checks_its_samples(tmp_path):
     results = json.loads((outputs / "all" / "results.json").read_text())
     assert 0 <= results["chain/accuracy"] <= 1 and "chain/shape_acc" in results
     assert "chain/accuracy" in result.stdout + result.stderr
+
+
+def test_chain_stage_overrides_take_the_presets_steps_where_max_steps_is_null():
+    cfg = compose_config(["stage=all"])
+    vae = stage_overrides(cfg, "vae", ["seed=1"])
+    assert vae[:2] == ["stage=vae", "model=vae/tiny"] and vae[-1] == "seed=1"
+    assert not any(o.startswith("trainer.max_steps=") for o in vae)
+    assert compose_config(vae).trainer.max_steps == compose_config(vae).model.max_steps == 2400
+    unet = stage_overrides(cfg, "unet", ["model.lr=1e-4"])
+    assert f"trainer.max_steps={cfg.stage.chain.unet.max_steps}" in unet
+    assert unet[-1] == "model.lr=1e-4"  # the user's overrides come last: they win
+    assert compose_config(unet).model.lr == 1e-4
