@@ -24,8 +24,9 @@ from torchvision.utils import save_image
 from ldm_train.callbacks.images import image_grid
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt, sample
-from ldm_train.diffusion.upstream import TextEncoder, load_text_encoder, vae_scale_factor
+from ldm_train.diffusion.upstream import TextEncoder, vae_scale_factor
 from ldm_train.stages.unet import PIPELINE_FILE
+from ldm_train.text_encoder import load_text_encoder
 
 log = logging.getLogger("ldm_train.generate")
 

@@ -12,14 +12,17 @@ of classifier-free guidance.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal, get_args
 
 import open_clip
 import torch
-from open_clip.constants import HF_CONFIG_NAME
 
 from ldm_train.config import UserError, check_choice
+from ldm_train.exports.clip import CONFIG_FILE, is_clip_folder, load_clip
+
+log = logging.getLogger(__name__)
 
 TextLayer = Literal["last", "penultimate"]
 TEXT_LAYERS: tuple[str, ...] = get_args(TextLayer)
@@ -49,16 +52,9 @@ class ClipTextEncoder(torch.nn.Module):
     def from_pretrained(
         cls, export_dir: str | Path, layer: TextLayer = "last", device: str | torch.device = "cpu"
     ) -> ClipTextEncoder:
-        """Load a stage=clip export folder with open_clip's own loader ('local-dir:')."""
-        export_dir = Path(export_dir)
-        if not (export_dir / HF_CONFIG_NAME).is_file():
-            raise UserError(
-                f"no {HF_CONFIG_NAME} in {export_dir}: point at the export folder of a clip run "
-                "(e.g. outputs/<experiment>/clip/export; `python -m ldm_train.export RUN_DIR`)"
-            )
-        name = f"local-dir:{export_dir}"
-        model = open_clip.create_model(name, device=device, require_pretrained=True)
-        return cls(model, open_clip.get_tokenizer(name), layer)
+        """Load a stage=clip export folder (ldm_train.exports.clip)."""
+        clip = load_clip(export_dir, device)
+        return cls(clip.model, clip.tokenizer, layer)
 
     def train(self, mode: bool = True) -> ClipTextEncoder:
         # Frozen: stays in eval mode even when the module holding it switches to training.
@@ -93,3 +89,21 @@ class ClipTextEncoder(torch.nn.Module):
         )
         hidden_states = outputs["text_intermediates"][0]
         return hidden_states, outputs["text_features"]
+
+
+def load_text_encoder(path: str | Path | None, layer: TextLayer = "last") -> ClipTextEncoder | None:
+    """The text tower of a stage=clip export, frozen; None for an unconditional U-Net."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not is_clip_folder(path):
+        raise UserError(
+            f"stage.text_encoder: no CLIP export at {path} (no {CONFIG_FILE} there); make it with "
+            "`python -m ldm_train stage=clip` (same data/experiment options), or set "
+            "stage.text_encoder to a CLIP export folder, or stage.text_encoder=null to train "
+            "unconditionally"
+        )
+    encoder = ClipTextEncoder.from_pretrained(path, layer=layer)
+    encoder.source_dir = path  # the export copies this folder next to the U-Net
+    log.info("text encoder from %s (layer %s, width %d)", path, layer, encoder.width)
+    return encoder

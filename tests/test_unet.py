@@ -20,7 +20,7 @@ from ldm_train.data.datamodule import WebDataModule
 from ldm_train.diffusion.ema import warmup_decay
 from ldm_train.diffusion.loss import diffusion_loss, min_snr_weights
 from ldm_train.diffusion.schedule import build_noise_scheduler
-from ldm_train.diffusion.upstream import CLIP_CONFIG
+from ldm_train.exports.clip import CONFIG_FILE as CLIP_CONFIG
 from ldm_train.train import build, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

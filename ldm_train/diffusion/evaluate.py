@@ -3,27 +3,13 @@ the trained CLIP (ldm_train.clip_eval's class-prompt classifiers), against the p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import open_clip
 import torch
 
 from ldm_train.clip_eval import IGNORE_LABEL, ZeroShotTask
-
-CLIP_CONFIG = "open_clip_config.json"
-
-
-def load_clip(export_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, mean, std) of a stage=clip export, with its image normalisation."""
-    export_dir = Path(export_dir)
-    name = f"local-dir:{export_dir}"
-    model = open_clip.create_model(name, device=device, require_pretrained=True).eval()
-    preprocess = json.loads((export_dir / CLIP_CONFIG).read_text()).get("preprocess_cfg", {})
-    mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
-    return model, open_clip.get_tokenizer(name), tuple(mean), tuple(std)
+from ldm_train.exports.clip import load_clip
 
 
 @torch.no_grad()
@@ -37,9 +23,10 @@ def prompt_accuracy(
     """images: N x 3 x H x W in [-1, 1]; labels[i]: what image i should show (e.g. {"shape":
     "circle", "colour": "red"}). Returns per task the share classified as asked ("<task>_acc"),
     and "accuracy": the share of images right in every task their prompt names."""
-    model, tokenizer, mean, std = load_clip(clip_dir)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    clip = load_clip(clip_dir)
+    model, tokenizer = clip.model, clip.tokenizer
+    mean_t = torch.tensor(clip.mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(clip.std).view(1, 3, 1, 1)
     features = torch.cat(
         [
             model.encode_image((((batch + 1) / 2) - mean_t) / std_t, normalize=True)

@@ -18,8 +18,6 @@ from ldm_train.config import UserError
 
 log = logging.getLogger(__name__)
 
-CLIP_CONFIG = "open_clip_config.json"  # what a stage=clip export holds (open_clip's HF layout)
-
 
 class TextEncoder(Protocol):
     """What the U-Net stage needs from a text encoder (ldm_train.text_encoder.ClipTextEncoder)."""
@@ -54,26 +52,6 @@ def load_vae(path: str | Path | None) -> AutoencoderKL | None:
     vae = AutoencoderKL.from_pretrained(folder)
     log.info("VAE from %s (scaling_factor %s)", folder, vae.config.scaling_factor)
     return vae.eval().requires_grad_(False)
-
-
-def load_text_encoder(path: str | Path | None, layer: str = "last") -> TextEncoder | None:
-    """The text tower of a stage=clip export, frozen; None for an unconditional U-Net."""
-    if path is None:
-        return None
-    path = Path(path)
-    if not (path / CLIP_CONFIG).is_file():
-        raise UserError(
-            f"stage.text_encoder: no CLIP export at {path} (no {CLIP_CONFIG} there); make it with "
-            "`python -m ldm_train stage=clip` (same data/experiment options), or set "
-            "stage.text_encoder to a CLIP export folder, or stage.text_encoder=null to train "
-            "unconditionally"
-        )
-    from ldm_train.text_encoder import ClipTextEncoder
-
-    encoder = ClipTextEncoder.from_pretrained(path, layer=layer)
-    encoder.source_dir = path  # the export copies this folder next to the U-Net
-    log.info("text encoder from %s (layer %s, width %d)", path, layer, encoder.width)
-    return encoder
 
 
 def latent_scale(vae: AutoencoderKL) -> tuple[float, float]:

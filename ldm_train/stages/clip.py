@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import difflib
 import inspect
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -20,17 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import safetensors.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
-from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
-from open_clip.push_to_hf_hub import save_config_for_hf
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ldm_train.clip_eval import IGNORE_LABEL, parse_zero_shot, retrieval_recall
 from ldm_train.config import UserError, check_choice, check_keys
+from ldm_train.exports.clip import save_clip
 from ldm_train.losses.contrastive import (
     LOSS_KINDS,
     ContrastiveLossKind,
@@ -281,21 +278,10 @@ class ClipStage(StageModule):
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def export(self, out_dir: Path) -> Path:
-        """An open_clip-loadable folder, in the layout of open_clip's Hugging Face exports:
-
-        - open_clip_config.json: {"model_cfg", "preprocess_cfg"} (written by open_clip's own
-          save_config_for_hf); `open_clip.create_model_and_transforms("local-dir:<out_dir>")`
-          reads the folder, normalisation included;
-        - open_clip_model.safetensors: the weights;
-        - <export_name>.json: the bare model card, for `open_clip.add_model_config(path)` and then
-          `create_model_and_transforms(export_name, pretrained=<weights>)`.
-        """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config_for_hf(self.net, out_dir / HF_CONFIG_NAME, model_config=self.model_cfg)
-        (out_dir / f"{self.export_name}.json").write_text(json.dumps(self.model_cfg, indent=2))
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        safetensors.torch.save_file(weights, out_dir / HF_SAFE_WEIGHTS_NAME)
+        """An open_clip-loadable folder (ldm_train.exports.clip); <export_name>.json holds the bare
+        card, for `open_clip.add_model_config(path)` and then
+        `create_model_and_transforms(export_name, pretrained=<weights>)`."""
+        out_dir = save_clip(self.net, self.model_cfg, out_dir, self.export_name)
         if tuple(self.net.visual.image_mean) != tuple(open_clip.OPENAI_DATASET_MEAN) or tuple(
             self.net.visual.image_std
         ) != tuple(open_clip.OPENAI_DATASET_STD):

@@ -1,0 +1,106 @@
+"""The CLIP folder: what stage=clip exports and what the text encoder, the chain's check and the
+sample metrics read. It is open_clip's Hugging Face layout, so open_clip loads it by itself
+(`open_clip.create_model_and_transforms("local-dir:<folder>")`):
+
+- open_clip_config.json: {"model_cfg", "preprocess_cfg"} (open_clip's own save_config_for_hf);
+- open_clip_model.safetensors: the weights (open_clip hub folders may hold
+  open_clip_pytorch_model.bin instead: read with weights_only=True);
+- <name>.json: the bare model card, for `open_clip.add_model_config(path)`.
+
+Reading never goes through open_clip's "local-dir:" loader: that one honours a config's
+hf_tokenizer_name with the tokenizer's own code. Here the model is built from the card with
+open_clip's own towers and the tokenizer is open_clip's SimpleTokenizer (its vocabulary ships in the
+package), so a folder can carry weights and sizes, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.push_to_hf_hub import save_config_for_hf
+
+from ldm_train.config import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = HF_CONFIG_NAME  # open_clip_config.json
+WEIGHTS_FILES = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)  # the first present is read
+# Card keys that make open_clip build a tower from timm or Hugging Face code: refused.
+FOREIGN_KEYS = {
+    "vision_cfg": ("timm_model_name",),
+    "text_cfg": ("hf_model_name", "hf_tokenizer_name"),
+}
+
+
+@dataclass
+class LoadedClip:
+    model: open_clip.CLIP
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def save_clip(net: open_clip.CLIP, model_cfg: dict, out_dir: Path, name: str) -> Path:
+    """Write the folder: config (model card + preprocessing), bare card, safetensors weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config_for_hf(net, out_dir / CONFIG_FILE, model_config=model_cfg)
+    (out_dir / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
+    weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    safetensors.torch.save_file(weights, out_dir / HF_SAFE_WEIGHTS_NAME)
+    return out_dir
+
+
+def is_clip_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file without unpickling code."""
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> LoadedClip:
+    """The CLIP of a folder in this layout (ours or an open_clip hub download), in eval mode."""
+    folder = Path(folder)
+    if not is_clip_folder(folder):
+        raise UserError(
+            f"no {CONFIG_FILE} in {folder}: point at the export folder of a clip run "
+            "(e.g. outputs/<experiment>/clip/export; `python -m ldm_train.export RUN_DIR`)"
+        )
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    card = config.get("model_cfg") or {}
+    for tower, keys in FOREIGN_KEYS.items():
+        for key in keys:
+            if (card.get(tower) or {}).get(key):
+                raise UserError(
+                    f"{folder / CONFIG_FILE}: {tower}.{key} asks for a tower or tokenizer from "
+                    "another library (code from the folder); only open_clip's own towers load"
+                )
+    if card.get("custom_text"):
+        raise UserError(
+            f"{folder / CONFIG_FILE}: a CustomTextCLIP card; only plain open_clip CLIPs load"
+        )
+    weights = next((folder / f for f in WEIGHTS_FILES if (folder / f).is_file()), None)
+    if weights is None:
+        raise UserError(f"no weights in {folder}: expected one of {', '.join(WEIGHTS_FILES)}")
+    model = open_clip.CLIP(**card)
+    model.load_state_dict(read_weights(weights))
+    preprocess = config.get("preprocess_cfg") or {}
+    mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    set_model_preprocess_cfg(
+        model, {"size": model.visual.image_size, **preprocess, "mean": mean, "std": std}
+    )
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    return LoadedClip(model.to(device).eval(), tokenizer, mean, std)
