@@ -47,7 +47,9 @@ def preload(cfg, count: int) -> list[dict]:
 
 def unet_step(module, net) -> Callable[[dict], torch.Tensor]:
     """diffusers' train_text_to_image loop: encode, noise, predict, MSE to the target."""
-    vae, text_encoder, scheduler = module.vae, module.text_encoder, module.noise_scheduler
+    vae = module.latents.vae(module.device)
+    text_encoder = module.conditioning.text_encoder(module.device)
+    scheduler = module.noise_scheduler
     scale = vae.config.scaling_factor
 
     def step(batch: dict) -> torch.Tensor:
@@ -97,8 +99,8 @@ def bare_rates(stage: str, cfg, batches: list[dict]) -> Rates:
     the EMA update where the stage keeps one."""
     module = build(cfg.stage.module)
     net = copy.deepcopy(module.net).train()
-    optimizer = instantiate(cfg.stage.module.optimizer)(net.parameters())
-    schedule = instantiate(cfg.stage.module.scheduler)(optimizer)
+    optimizer = instantiate(cfg.optimizer)(net.parameters())
+    schedule = instantiate(cfg.lr_scheduler)(optimizer)
     step = STEPS[stage](module, net)
     ema_decay = getattr(module, "ema_decay", None)
     if ema_decay is not None:

@@ -1,4 +1,5 @@
-"""python -m ldm_train stage=clip|vae|unet [key=value ...]: compose the config and train."""
+"""python -m ldm_train stage=clip|vae|unet|all [key=value ...]: compose the config and train one
+stage (train), or the chain clip -> vae -> unet (stage=all: chain.train_chain)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from ldm_train.chain import train_chain
 from ldm_train.config import UserError, check_overrides, config_dir
 from ldm_train.train import train
 
@@ -17,7 +19,8 @@ def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):  # in a multirun each job writes to its own folder
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics, _ = train(cfg)
+        run = train_chain if cfg.stage.name == "all" else train
+        metrics, _ = run(cfg)
     except UserError as error:  # the user's mistake: one line, no traceback
         print(f"ldm_train: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -126,8 +126,6 @@ def cache_latents(
 ) -> dict[str, Any]:
     """Cache cfg.data's training shards for cfg.stage (a stage=unet config); returns what
     cache.json holds, including "train_urls", the pattern to train from."""
-    from ldm_train.train import build  # keeps UserErrors of the upstream loaders one line
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not valid; choose one of: {', '.join(DTYPES)}")
     if cfg.stage.name != "unet":
@@ -140,41 +138,14 @@ def cache_latents(
             "data.crop=random cannot be cached (every step would need a new crop of the image); "
             "cache with data.crop=center"
         )
-    vae = build(cfg.stage.module.vae)
-    if vae is None:
-        raise UserError("stage.vae=null (pixel space): there are no latents to cache")
-    text_encoder = build(cfg.stage.module.text_encoder)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae.to(torch_device)
-    if text_encoder is not None:
-        text_encoder.to(torch_device)
+    vae, text_encoder = frozen_parts(cfg, torch_device)
     datamodule.prepare_data()  # makes the embedded dataset if it is missing
     urls = datamodule.train_urls
     check_shards_exist(urls, "data.train_urls")
     out_dir.mkdir(parents=True, exist_ok=True)
-    index, parts = part
-    written, kept, totals = 0, 0, StreamStats()
-    for number, url in enumerate(urls):
-        if number % parts != index:
-            continue
-        out_file = out_dir / f"train-{number:06d}.tar"
-        if out_file.is_file():
-            kept += 1
-            continue
-        stats = cache_shard(
-            url,
-            out_file,
-            loader,
-            vae,
-            text_encoder,
-            batch_size or loader.batch_size,
-            DTYPES[dtype],
-            torch_device,
-        )
-        totals.ok += stats.ok
-        totals.skipped.update(stats.skipped)
-        written += 1
-        log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
+    encode = (vae, text_encoder, batch_size or loader.batch_size, DTYPES[dtype], torch_device)
+    counts, totals = cache_shards(urls, out_dir, part, loader, encode)
     info = {
         "train_urls": f"{out_dir}/train-{{000000..{len(urls) - 1:06d}}}.tar",
         "source_urls": urls,
@@ -185,13 +156,47 @@ def cache_latents(
         "flips": loader.random_flip,
         "dtype": dtype,
         "latent_moments": moments_shape(vae, loader.image_size),
-        "shards_written": written,
-        "shards_kept": kept,
+        **counts,
         "samples_written": totals.ok,
         "skipped": dict(totals.skipped),
     }
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def cache_shards(
+    urls: list[str], out_dir: Path, part: tuple[int, int], loader: Any, encode: tuple
+) -> tuple[dict[str, int], StreamStats]:
+    """Every parts-th shard from the index-th (part = (index, parts)), each unless already there."""
+    index, parts = part
+    counts, totals = {"shards_written": 0, "shards_kept": 0}, StreamStats()
+    for number, url in enumerate(urls):
+        out_file = out_dir / f"train-{number:06d}.tar"
+        if number % parts != index:
+            continue
+        if out_file.is_file():
+            counts["shards_kept"] += 1
+            continue
+        stats = cache_shard(url, out_file, loader, *encode)
+        totals.ok += stats.ok
+        totals.skipped.update(stats.skipped)
+        counts["shards_written"] += 1
+        log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
+    return counts, totals
+
+
+def frozen_parts(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
+    """The stage's VAE and text encoder (None without one), built as the stage builds them."""
+    from ldm_train.train import build  # keeps UserErrors of the upstream loaders one line
+
+    vae = build(cfg.stage.module.latents.vae)
+    if vae is None:
+        raise UserError("stage.vae=null (pixel space): there are no latents to cache")
+    text_encoder = build(cfg.stage.module.conditioning.text_encoder)
+    vae.to(device)
+    if text_encoder is not None:
+        text_encoder.to(device)
+    return vae, text_encoder
 
 
 def moments_shape(vae, image_size: int) -> list[int]:

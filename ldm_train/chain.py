@@ -3,8 +3,8 @@ for the data's prompts and check them with the trained CLIP.
 
 Each stage runs as `python -m ldm_train stage=<name> model=<name>/<preset> <the chain's settings for
 it> <your overrides>` would: the same data, experiment, paths, trainer and logger options, so every
-stage writes to outputs/<experiment>/<name>/ and stage=unet finds the exports of clip and vae at
-their default places.
+stage writes to outputs/<experiment>/<name>/. The U-Net stage gets the exports the chain made
+(stage.vae=..., stage.text_encoder=...) before your overrides.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from ldm_train.clip_eval import parse_zero_shot
 from ldm_train.config import UserError, compose_config
 from ldm_train.diffusion.evaluate import prompt_accuracy
 from ldm_train.diffusion.sampler import SamplingOptions
-from ldm_train.generate import load_pipeline, save_images
+from ldm_train.exports.pipeline import Pipeline
+from ldm_train.generate import save_images
+from ldm_train.rundir import RunDir
 from ldm_train.stages.unet import prompt_captions
+from ldm_train.train import train
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +57,22 @@ def user_overrides(cfg: DictConfig, overrides: Sequence[str] | None = None) -> l
     return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in CHAIN_ONLY]
 
 
-def stage_overrides(cfg: DictConfig, stage: str, user: Sequence[str]) -> list[str]:
-    """What `python -m ldm_train` gets for one stage of the chain; the user's overrides come last."""
+def stage_overrides(
+    cfg: DictConfig, stage: str, user: Sequence[str], exports: dict[str, Path] | None = None
+) -> list[str]:
+    """What `python -m ldm_train` gets for one stage of the chain: the chain's settings, the
+    upstream exports it made (unet: the clip and vae exports), then the user's overrides."""
     settings = cfg.stage.chain[stage]
     preset = cfg.model.get(stage, "tiny")
     # max_steps null: the preset's own (model.max_steps, else trainer's default).
     steps = settings.get("max_steps")
+    upstream = {"vae": "stage.vae", "clip": "stage.text_encoder"} if stage == "unet" else {}
     return [
         f"stage={stage}",
         f"model={stage}/{preset}",
         *([f"trainer.max_steps={steps}"] if steps is not None else []),
         *settings.get("overrides", []),
+        *[f"{key}='{exports[name]}'" for name, key in upstream.items() if name in (exports or {})],
         *user,
     ]
 
@@ -76,14 +84,14 @@ def compose_stage(overrides: list[str]) -> DictConfig:
     return compose_config(overrides)
 
 
-def train_stage(cfg: DictConfig, stage: str, user: Sequence[str]) -> tuple[dict, Path]:
-    from ldm_train.train import train  # train() imports this module for stage=all
-
-    overrides = stage_overrides(cfg, stage, user)
+def train_stage(
+    cfg: DictConfig, stage: str, user: Sequence[str], exports: dict[str, Path]
+) -> tuple[dict, Path]:
+    overrides = stage_overrides(cfg, stage, user, exports)
     log.info("chain: %s", " ".join(["python -m ldm_train", *overrides]))
     started = time.monotonic()
     metrics, objects = train(compose_stage(overrides))  # also exports, and ends its W&B run
-    export_dir = objects["export_dir"] or Path(objects["run_dir"]) / "export"
+    export_dir = objects["export_dir"] or RunDir(objects["run_dir"]).export  # other ranks
     minutes = (time.monotonic() - started) / 60
     log.info("chain: %s done in %.1f min; export in %s", stage, minutes, export_dir)
     del objects
@@ -110,7 +118,7 @@ def evaluate(cfg: DictConfig, unet_export: Path, clip_export: Path, out_dir: Pat
     n = settings.n_per_prompt
     started = time.monotonic()
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    pipeline = load_pipeline(unet_export, "cuda" if on_gpu else "cpu")
+    pipeline = Pipeline.load(unet_export, "cuda" if on_gpu else "cpu")
     images = pipeline.generate(captions, n, options)
     save_images(images, captions, n, options.seed, out_dir)
     results: dict[str, Any] = {"generate_minutes": (time.monotonic() - started) / 60}
@@ -136,7 +144,7 @@ def train_chain(
     metrics: dict[str, float] = {}
     exports: dict[str, Path] = {}
     for stage in STAGES:
-        stage_metrics, exports[stage] = train_stage(cfg, stage, user)
+        stage_metrics, exports[stage] = train_stage(cfg, stage, user, exports)
         metrics |= {f"{stage}/{k}": v for k, v in stage_metrics.items()}
     run_dir = Path(cfg.paths.run_dir)
     results = evaluate(cfg, exports["unet"], exports["clip"], run_dir / "samples")

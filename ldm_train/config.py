@@ -13,10 +13,10 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+import ldm_train.rundir  # noqa: F401  (registers the ${run_export:...} resolver the config uses)
+from ldm_train.errors import UserError
 
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, without a traceback."""
-
+__all__ = ["UserError", "check_choice", "check_keys", "check_overrides", "compose_config"]
 
 # Config choices that need an optional extra: (group, choice) -> (the plugin's module, its extra).
 PLUGIN_CHOICES = {

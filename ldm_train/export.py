@@ -17,36 +17,37 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm_train.config import UserError
+from ldm_train.rundir import RunDir
 
 log = logging.getLogger("ldm_train.export")
 
 
 def find_checkpoint(target: Path) -> Path:
-    """A .ckpt file as given, or RUN_DIR/checkpoints/last.ckpt."""
-    path = target / "checkpoints" / "last.ckpt" if target.is_dir() else target
-    if not path.is_file():
+    """A .ckpt file as given, or a run directory's last.ckpt."""
+    if target.is_dir():
+        return RunDir(target).find_checkpoint()
+    if not target.is_file():
         raise UserError(
-            f"no checkpoint at {path}; pass a .ckpt file or a run directory that has "
-            "checkpoints/last.ckpt (train one with `python -m ldm_train stage=...`)"
+            f"no checkpoint at {target}; pass a .ckpt file or a run directory "
+            "(train one with `python -m ldm_train stage=...`)"
         )
-    return path
+    return target
 
 
 def export_checkpoint(target: str | Path, out_dir: str | Path | None = None) -> Path:
     """Export the stage saved in `target`; returns the export folder."""
     ckpt = find_checkpoint(Path(target))
-    run_dir = ckpt.parent.parent
-    config = run_dir / "config.yaml"
-    if not config.is_file():
+    run = RunDir.of_checkpoint(ckpt)
+    if not run.config.is_file():
         raise UserError(
-            f"no config.yaml at {config}: the checkpoint must sit in a run's "
-            "checkpoints/ folder, beside the config that trained it"
+            f"no {run.config.name} at {run.config}: the checkpoint must sit in a run's "
+            f"{run.checkpoints.name}/ folder, beside the config that trained it"
         )
-    cfg = OmegaConf.load(config)
+    cfg = OmegaConf.load(run.config)
     module = instantiate(cfg.stage.module)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
-    exported = module.export(Path(out_dir) if out_dir else run_dir / "export")
+    exported = module.export(Path(out_dir) if out_dir else run.export)
     if exported is None:
         raise UserError(f"stage {cfg.stage.name} has nothing to export")
     return exported
@@ -54,9 +55,7 @@ def export_checkpoint(target: str | Path, out_dir: str | Path | None = None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_train.export", description=__doc__)
-    parser.add_argument(
-        "target", help="a run directory (uses checkpoints/last.ckpt) or a .ckpt file"
-    )
+    parser.add_argument("target", help="a run directory (uses its last checkpoint) or a .ckpt file")
     parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

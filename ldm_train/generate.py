@@ -14,85 +14,17 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from torchvision.utils import save_image
 
 from ldm_train.callbacks.images import image_grid
 from ldm_train.config import UserError
-from ldm_train.diffusion.sampler import SamplingOptions, per_prompt, sample
-from ldm_train.diffusion.upstream import TextEncoder, vae_scale_factor
-from ldm_train.stages.unet import PIPELINE_FILE
-from ldm_train.text_encoder import load_text_encoder
+from ldm_train.exports.pipeline import Pipeline
 
 log = logging.getLogger("ldm_train.generate")
-
-
-@dataclass
-class Pipeline:
-    """The parts of an export folder, loaded: what `sample` needs."""
-
-    unet: UNet2DConditionModel
-    scheduler_config: dict
-    vae: AutoencoderKL | None
-    text_encoder: TextEncoder | None
-    latent_shape: tuple[int, int, int]
-    sampling: SamplingOptions
-    prompts: list[str]
-
-    def generate(
-        self, prompts: Sequence[str], n: int, options: SamplingOptions | None = None
-    ) -> torch.Tensor:
-        """n images per prompt (prompt-major) in [-1, 1]; image j from seed options.seed + j."""
-        options = options or self.sampling
-        repeated, seeds = per_prompt(prompts, n, options.seed)
-        return sample(
-            self.unet,
-            self.scheduler_config,
-            repeated,
-            seeds,
-            self.latent_shape,
-            options,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-        )
-
-
-def load_pipeline(export_dir: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-    """Load an export folder written by stage=unet (UnetStage.export)."""
-    export_dir = Path(export_dir)
-    index_file = export_dir / PIPELINE_FILE
-    if not index_file.is_file():
-        raise UserError(
-            f"no {PIPELINE_FILE} in {export_dir}: point at the export folder of a unet run "
-            "(e.g. outputs/<experiment>/unet/export; `python -m ldm_train stage=unet` makes it)"
-        )
-    index = json.loads(index_file.read_text())
-    unet = UNet2DConditionModel.from_pretrained(export_dir / index["unet"]).to(device).eval()
-    scheduler_config = json.loads(
-        (export_dir / index["scheduler"] / "scheduler_config.json").read_text()
-    )
-    vae = None
-    if index.get("vae"):
-        vae = AutoencoderKL.from_pretrained(export_dir / index["vae"]).to(device).eval()
-    text_encoder = None
-    if index.get("text_encoder"):
-        text_encoder = load_text_encoder(
-            export_dir / index["text_encoder"], index.get("text_layer") or "last"
-        ).to(device)
-    side = index["image_size"] // vae_scale_factor(vae)
-    return Pipeline(
-        unet=unet,
-        scheduler_config=scheduler_config,
-        vae=vae,
-        text_encoder=text_encoder,
-        latent_shape=(unet.config.in_channels, side, side),
-        sampling=SamplingOptions(**index.get("sampling", {})),
-        prompts=list(index.get("prompts") or []),
-    )
 
 
 def save_images(
@@ -147,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.n < 1:
             raise UserError(f"--n {args.n}: need at least 1 image per prompt")
-        pipeline = load_pipeline(args.export_dir, args.device)
+        pipeline = Pipeline.load(args.export_dir, args.device)
         prompts = read_prompts(args.prompt, args.prompts_file)
         if not prompts:
             if pipeline.text_encoder is not None:

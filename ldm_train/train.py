@@ -6,7 +6,6 @@ import inspect
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,10 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
+from ldm_train.rundir import RESUME_MODES, RunDir
 
 log = logging.getLogger(__name__)
-
-RESUME_MODES = ("auto", "never")
 
 
 def build(spec: DictConfig, **kwargs: Any) -> Any:
@@ -54,9 +52,9 @@ def wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+def wandb_run_id(run: RunDir, resuming: bool) -> str:
     """The W&B run id of this run directory: a resumed run continues the same W&B run."""
-    id_file = run_dir / "wandb_run_id"
+    id_file = run.wandb_id
     if resuming and id_file.is_file():
         return id_file.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B takes any [a-z0-9] id
@@ -96,7 +94,7 @@ def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
             )
         # wandb must never stop to ask for a login.
         os.environ.setdefault("WANDB_SILENT", "true")
-        run_id = cfg.logger.get("id") or wandb_run_id(Path(cfg.paths.run_dir), resuming)
+        run_id = cfg.logger.get("id") or wandb_run_id(RunDir(cfg.paths.run_dir), resuming)
         names = {"group": cfg.experiment_name, **sweep_grouping(cfg)}
         if cfg.logger.get("group"):  # the user's own group wins
             names["group"] = cfg.logger.group
@@ -104,8 +102,18 @@ def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
     return instantiate(cfg.logger)
 
 
+def build_callback(spec: DictConfig, run: RunDir) -> L.Callback:
+    """A callback of the config; checkpoints go where the run directory keeps them."""
+    if issubclass(get_class(spec._target_), ModelCheckpoint):
+        return build(spec, dirpath=str(run.checkpoints))
+    return build(spec)
+
+
 def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
-    callbacks = [build(spec) for spec in (cfg.get("callbacks") or {}).values() if spec]
+    run = RunDir(cfg.paths.run_dir)
+    callbacks = [
+        build_callback(spec, run) for spec in (cfg.get("callbacks") or {}).values() if spec
+    ]
     if logger is None:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks
@@ -135,48 +143,16 @@ def build_strategy(module: L.LightningModule, spec: Any) -> Any:
     return strategy
 
 
-def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint to resume from: ckpt_path if given, else last.ckpt of this run (resume=auto)."""
-    checkpoints = run_dir / "checkpoints"
-    if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise UserError(
-                f"ckpt_path={path} does not exist; pick a .ckpt file (e.g. in {checkpoints}) "
-                "or drop ckpt_path"
-            )
-        return str(path)
-    if cfg.resume == "never":
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
-            # Keep the earlier run's checkpoints, out of the way of the new run's ModelCheckpoint.
-            kept = checkpoints.with_name(f"checkpoints-{time.strftime('%Y%m%d-%H%M%S')}")
-            checkpoints.rename(kept)
-            log.info("resume=never: moved the earlier checkpoints to %s", kept)
-        return None
-    # last.ckpt, or the hpc_ckpt_N.ckpt Lightning saves on SLURM's requeue signal: the newest.
-    candidates = [
-        p for p in [checkpoints / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()
-    ]
-    if candidates:
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        log.info("resume=auto: continuing from %s", newest)
-        return str(newest)
-    return None
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
     if cfg.stage.name == "all":
-        # The chain clip -> vae -> unet, each stage's export feeding the next.
-        from ldm_train.chain import train_chain
-
-        return train_chain(cfg)
+        raise UserError("stage=all is the chain of stages: run it with ldm_train.chain.train_chain")
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_ckpt_path(cfg, run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run = RunDir(cfg.paths.run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
+    OmegaConf.save(cfg, run.config, resolve=True)
 
     datamodule = WebDataModule.from_config(cfg.data)
     module = build(cfg.stage.module)
@@ -186,7 +162,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         strategy=build_strategy(module, cfg.trainer.get("strategy", "auto")),
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, logger),
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run.path),
     )
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -197,20 +173,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     export_dir = None
     if trainer.is_global_zero:
-        export_dir = module.export(run_dir / "export")
+        export_dir = module.export(run.export)
         exported = f"; exported to {export_dir}" if export_dir else ""
         log.info(
             "stage %s: %d steps; outputs in %s%s",
             cfg.stage.name,
             trainer.global_step,
-            run_dir,
+            run.path,
             exported,
         )
     objects = {
         "trainer": trainer,
         "module": module,
         "datamodule": datamodule,
-        "run_dir": run_dir,
+        "run_dir": run.path,
         "export_dir": export_dir,
     }
     return metrics, objects

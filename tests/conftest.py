@@ -1,21 +1,36 @@
-"""Shared fixtures: tiny shards of the embedded dataset and the real config composed for CPU tests."""
+"""Shared fixtures: tiny shards of the embedded dataset, the real config composed for CPU tests,
+tiny random upstream exports (VAE, CLIP) for stage=unet, and the runner of the real CLI."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import open_clip
 import pytest
+import torch
+from diffusers import AutoencoderKL
 from omegaconf import DictConfig
+from open_clip.model import set_model_preprocess_cfg
 
 from ldm_train.config import compose_config
 from ldm_train.data.shapes import make_shapes_dataset
+from ldm_train.exports.clip import save_clip
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 TINY = dict(image_size=32, n_train=256, n_val=64, train_shards=4, val_shards=2, seed=0)
+# Fewer, shorter validation samples than the defaults: the tests check wiring, not quality.
+QUICK_SAMPLES = (
+    "stage.module.validation.samples_per_prompt=1",
+    "stage.module.validation.sampling.steps=2",
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,28 +45,155 @@ def tiny_shards(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def tiny_run(output_root: Path, shards: dict[str, str]) -> list[str]:
+    """CPU, CSV logging, the tiny shards, a few small batches and outputs under output_root."""
+    return [
+        f"paths.output_root={output_root}",
+        f"paths.data_dir={output_root.parent / 'data'}",
+        # Braces are Hydra syntax too: quote brace patterns inside the override.
+        f"data.train_urls='{shards['train_urls']}'",
+        f"data.val_urls='{shards['val_urls']}'",
+        "data.make_dataset=null",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.batches_per_epoch=4",
+        "data.shuffle_buffer=32",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, tiny_shards) -> Callable[..., DictConfig]:
-    """compose_config with CPU, CSV logging, tiny shards and outputs under tmp_path."""
+    """compose_config with tiny_overrides (outputs under tmp_path), then the test's overrides."""
 
     def compose(*overrides: str, extra: Sequence[str] = ()) -> DictConfig:
-        base = [
-            f"paths.output_root={tmp_path / 'outputs'}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            # Braces are Hydra syntax too: quote brace patterns inside the override.
-            f"data.train_urls='{tiny_shards['train_urls']}'",
-            f"data.val_urls='{tiny_shards['val_urls']}'",
-            "data.make_dataset=null",
-            "data.num_workers=0",
-            "data.batch_size=8",
-            "data.batches_per_epoch=4",
-            "data.shuffle_buffer=32",
-            "logger=csv",
-            "trainer.accelerator=cpu",
-            "trainer.max_steps=4",
-            "trainer.limit_val_batches=2",
-            "trainer.enable_progress_bar=false",
-        ]
+        base = tiny_run(tmp_path / "outputs", tiny_shards)
         return compose_config([*base, *overrides, *extra])
 
     return compose
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_shards) -> Callable[[Path], list[str]]:
+    """What make_cfg composes, as overrides, for outputs under a folder of the caller's choice
+    (module- and session-scoped fixtures, CLI runs)."""
+    return lambda output_root: tiny_run(Path(output_root), tiny_shards)
+
+
+def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
+    """A random diffusers AutoencoderKL folder: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.5,
+    ).save_pretrained(path)
+    return path
+
+
+TINY_CLIP_CARD = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip(path: Path) -> Path:
+    """A random open_clip CLIP in the layout stage=clip exports (text width 32)."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP_CARD)
+    preprocess = {
+        "size": 32,
+        "mean": open_clip.OPENAI_DATASET_MEAN,
+        "std": open_clip.OPENAI_DATASET_STD,
+    }
+    set_model_preprocess_cfg(model, preprocess)
+    return save_clip(model, TINY_CLIP_CARD, path, "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random exports of the VAE and the CLIP for stage=unet."""
+    root = tmp_path_factory.mktemp("upstream")
+    return {"vae": write_tiny_vae(root / "vae"), "clip": write_tiny_clip(root / "clip")}
+
+
+@pytest.fixture(scope="session")
+def unet_overrides(upstream) -> list[str]:
+    """stage=unet on the tiny upstream exports, with quick validation samples."""
+    return [
+        "stage=unet",
+        f"stage.vae={upstream['vae']}",
+        f"stage.text_encoder={upstream['clip']}",
+        *QUICK_SAMPLES,
+    ]
+
+
+@pytest.fixture
+def unet_cfg(make_cfg, unet_overrides) -> Callable[..., DictConfig]:
+    def compose(*overrides: str) -> DictConfig:
+        return make_cfg(*unet_overrides, *overrides)
+
+    return compose
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """A CLI subprocess's environment: no W&B settings or credentials in it, no LDM_TRAIN_*, one
+    torch thread, and this checkout (plus tests/, for test callbacks named by _target_) first on
+    the path, whatever is installed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """run_cli(args, cwd, check=True, timeout=300, **env): `python <args>` to its end."""
+
+    def run(
+        args: Sequence[str], cwd: Path, check: bool = True, timeout: int = 300, **env: str
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=cli_env(**env),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
+        if check:
+            assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def start_cli() -> Callable[..., subprocess.Popen]:
+    """start_cli(args, cwd, **env): `python <args>` in the background, stdout and stderr merged."""
+
+    def start(args: Sequence[str], cwd: Path, **env: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=cli_env(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    return start

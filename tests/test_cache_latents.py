@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
 
 from ldm_train.cache_latents import INFO_FILE, cache_latents, main
 from ldm_train.data.datamodule import WebDataModule
@@ -23,23 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
 
 @pytest.fixture
-def cache_cfg(make_cfg, upstream):  # noqa: F811
-    def compose(*overrides: str):
-        return make_cfg(
-            "stage=unet",
-            f"stage.vae={upstream['vae']}",
-            f"stage.text_encoder={upstream['clip']}",
-            *QUICK_SAMPLES,
-            *overrides,
-        )
-
-    return compose
-
-
-@pytest.fixture
-def flipped_cache(cache_cfg, tmp_path):
+def flipped_cache(unet_cfg, tmp_path):
     """The tiny shards cached with flips on (both mirror images encoded)."""
-    cfg = cache_cfg("data.random_flip=true")
+    cfg = unet_cfg("data.random_flip=true")
     info = cache_latents(cfg, tmp_path / "cache")
     return cfg, info
 
@@ -62,6 +47,10 @@ def test_cached_latents_equal_encoding_on_the_fly(flipped_cache, tmp_path):
     assert info["samples_written"] == 256 and info["shards_written"] == 4 and info["flips"]
     assert json.loads((tmp_path / "cache" / INFO_FILE).read_text())["latent_moments"] == [8, 8, 8]
     stage = instantiate(cfg.stage.module)
+    vae, text_encoder = (
+        stage.latents.vae(stage.device),
+        stage.conditioning.text_encoder(stage.device),
+    )
     image_batch = in_file_order(cfg, cfg.data.train_urls)
     cached_batch = in_file_order(cfg, info["train_urls"])
     assert cached_batch["key"] == image_batch["key"]
@@ -69,14 +58,14 @@ def test_cached_latents_equal_encoding_on_the_fly(flipped_cache, tmp_path):
     assert cached_batch["meta"] == image_batch["meta"]
     pixels = image_batch["image"]
     with torch.no_grad():
-        assert torch.equal(cached_batch["latent"], vae_moments(stage.vae, pixels))
-        text = text_context(stage.text_encoder, image_batch["caption"], 32, torch.device("cpu"))
+        assert torch.equal(cached_batch["latent"], vae_moments(vae, pixels))
+        text = text_context(text_encoder, image_batch["caption"], 32, torch.device("cpu"))
         assert torch.allclose(cached_batch["text"], text, atol=1e-6)
         # The mirrored image's moments, which a flipping stream picks.
         shard = info["train_urls"].replace("{000000..000003}", "000000")
         first = next(read_pass([shard], 0, 1, StreamStats()))
         flipped = torch.from_numpy(np.load(io.BytesIO(first[LATENT_FLIP_KEY])))
-        assert torch.equal(flipped, vae_moments(stage.vae, pixels.flip(-1))[0])  # same batch
+        assert torch.equal(flipped, vae_moments(vae, pixels.flip(-1))[0])  # same batch
 
 
 def test_a_step_from_the_cache_equals_a_step_from_images(flipped_cache):
@@ -93,17 +82,17 @@ def test_a_step_from_the_cache_equals_a_step_from_images(flipped_cache):
         assert torch.allclose(cached.training_step(cached_batch, batch_idx), expected, atol=1e-5)
 
 
-def test_unet_trains_and_resumes_from_the_cache(cache_cfg, tmp_path, capsys):
+def test_unet_trains_and_resumes_from_the_cache(unet_cfg, tmp_path, capsys):
     out = tmp_path / "cli-cache"
     overrides = [f"paths.output_root={tmp_path / 'outputs'}"]
-    cfg = cache_cfg()
+    cfg = unet_cfg()
     # The command line, on the composed config's data and parts.
     assert main(["--out", str(out), "--dtype", "float16", *cli_overrides(cfg), *overrides]) == 0
     assert "data.train_urls=" in capsys.readouterr().out
     urls = f"data.train_urls='{out}/train-{{000000..000003}}.tar'"
-    metrics, objects = train(cache_cfg(urls, "trainer.max_steps=2"))
+    metrics, objects = train(unet_cfg(urls, "trainer.max_steps=2"))
     assert torch.isfinite(torch.tensor(metrics["train/mse"]))
-    metrics, objects = train(cache_cfg(urls, "trainer.max_steps=4"))  # resume=auto: continues
+    metrics, objects = train(unet_cfg(urls, "trainer.max_steps=4"))  # resume=auto: continues
     assert objects["trainer"].global_step == 4 and "val/mse" in metrics
 
 

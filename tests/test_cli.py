@@ -3,9 +3,6 @@ W&B offline without a prompt, one-line errors, a 2-job multirun, and an installe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -27,24 +24,9 @@ QUICK = [
 ]
 
 
-def run(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-    )
-
-
-def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path):
+def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path, run_cli):
     # No W&B credentials, no WANDB_MODE, no stdin: must run offline without asking anything.
-    result = run(["-m", "ldm_train", "stage=vae", *QUICK], tmp_path, {"HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["-m", "ldm_train", "stage=vae", *QUICK], tmp_path, HOME=str(tmp_path))
     run_dir = tmp_path / "outputs" / "shapes" / "vae"
     assert f"outputs in {run_dir}" in result.stdout + result.stderr
     assert (tmp_path / "data" / "shapes-32" / "train-000015.tar").is_file()
@@ -53,23 +35,22 @@ def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_unknown_stage_lists_valid_stages(tmp_path):
-    result = run(["-m", "ldm_train", "stage=difusion"], tmp_path)
+def test_unknown_stage_lists_valid_stages(tmp_path, run_cli):
+    result = run_cli(["-m", "ldm_train", "stage=difusion"], tmp_path, check=False)
     assert result.returncode != 0
     assert all(stage in result.stderr for stage in ("clip", "unet", "vae"))
 
 
-def test_user_error_is_one_line_with_exit_code_2(tmp_path):
-    result = run(["-m", "ldm_train", "resume=sometimes", "logger=none"], tmp_path)
+def test_user_error_is_one_line_with_exit_code_2(tmp_path, run_cli):
+    result = run_cli(["-m", "ldm_train", "resume=sometimes", "logger=none"], tmp_path, check=False)
     assert result.returncode == 2
     assert "resume='sometimes' is not valid; choose one of: auto, never" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_multirun_gives_each_job_its_own_resumable_directory(tmp_path):
+def test_multirun_gives_each_job_its_own_resumable_directory(tmp_path, run_cli):
     args = ["-m", "ldm_train", "-m", "stage=vae", "model.lr=0.001,0.0003", "logger=csv", *QUICK]
-    result = run(args, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_cli(args, tmp_path)
     sweep = tmp_path / "outputs" / "shapes" / "vae-multirun"
     # Each job's folder is named after its overrides, so rerunning the sweep finds it again.
     jobs = [p.name for p in sweep.iterdir() if (p / "checkpoints" / "last.ckpt").is_file()]
@@ -77,8 +58,8 @@ def test_multirun_gives_each_job_its_own_resumable_directory(tmp_path):
     assert sorted("model.lr=0.0003" in job for job in jobs) == [False, True]
 
 
-def test_installed_wheel_finds_its_config(tmp_path):
-    build = run(
+def test_installed_wheel_finds_its_config(tmp_path, run_cli):
+    run_cli(
         [
             "-m",
             "pip",
@@ -92,14 +73,12 @@ def test_installed_wheel_finds_its_config(tmp_path):
         ],
         tmp_path,
     )
-    assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("ldm_train-*.whl"))
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
         "from ldm_train.config import config_dir, compose_config; "
         "print(config_dir()); print(compose_config(['stage=unet']).stage.name)"
     )
-    result = run(["-c", code], tmp_path, {"PYTHONPATH": str(tmp_path / "site")})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["-c", code], tmp_path, PYTHONPATH=str(tmp_path / "site"))
     where, stage = result.stdout.split()
     assert Path(where) == tmp_path / "site" / "ldm_train" / "conf" and stage == "unet"

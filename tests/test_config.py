@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from ldm_train.config import UserError, check_overrides, compose_config, config_dir
 from ldm_train.data.datamodule import WebDataModule, expand_urls
-from ldm_train.train import resolve_ckpt_path, validate
+from ldm_train.rundir import RunDir
+from ldm_train.train import validate
 
 STAGES = ["clip", "vae", "unet"]
 
@@ -104,15 +105,18 @@ def test_bad_resume_mode_is_a_one_line_error():
 def test_missing_ckpt_path_names_the_path(tmp_path):
     cfg = compose_config([f"ckpt_path={tmp_path}/nope.ckpt"])
     with pytest.raises(UserError, match=f"{tmp_path}/nope.ckpt does not exist"):
-        resolve_ckpt_path(cfg, tmp_path)
+        RunDir(tmp_path).resume_checkpoint(cfg.resume, cfg.ckpt_path)
 
 
 def test_resume_auto_finds_last_and_never_keeps_old_checkpoints(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "last.ckpt").write_bytes(b"x")
-    assert resolve_ckpt_path(compose_config([]), tmp_path) == str(checkpoints / "last.ckpt")
-    assert resolve_ckpt_path(compose_config(["resume=never"]), tmp_path) is None
+    run = RunDir(tmp_path)
+    assert (
+        run.resume_checkpoint("auto") == str(checkpoints / "last.ckpt") == str(run.last_checkpoint)
+    )
+    assert run.resume_checkpoint("never") is None
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints-")]
     assert len(moved) == 1 and (moved[0] / "last.ckpt").is_file()  # nothing is lost
     assert not checkpoints.exists()
@@ -133,3 +137,15 @@ def test_valid_overrides_pass_the_check():
     )
     check_overrides(["stage=vae,clip", "model.lr=1e-3,3e-4"])  # sweeps: Hydra checks each job
     check_overrides(["experiment=shapes_64", "trainer.max_steps=3", "--cfg", "job"])
+
+
+def test_the_run_directory_layout_has_one_home(tmp_path):
+    cfg = compose_config(["stage=unet", f"paths.output_root={tmp_path}", "experiment_name=x"])
+    run = RunDir(cfg.paths.run_dir)
+    assert run == RunDir.of_stage(tmp_path, "x", "unet")
+    # The config spells the upstream exports with the resolver that asks RunDir.
+    assert cfg.stage.vae == str(RunDir.of_stage(tmp_path, "x", "vae").export)
+    assert cfg.stage.text_encoder == str(RunDir.of_stage(tmp_path, "x", "clip").export)
+    assert RunDir.of_checkpoint(run.last_checkpoint) == RunDir(run.path.resolve())
+    with pytest.raises(UserError, match=f"no checkpoint at {run.last_checkpoint}"):
+        run.find_checkpoint()

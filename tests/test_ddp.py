@@ -5,9 +5,7 @@ under DDP resumes on one process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +14,6 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
 DDP = [
     "trainer=ddp",
     "trainer.accelerator=cpu",
@@ -32,7 +29,7 @@ STAGES = {
         "stage.module.loss.discriminator.channels=8",
         "stage.module.loss.discriminator.n_layers=2",
     ],
-    "unet": ["stage.module.samples_per_prompt=1", "stage.module.sampling.steps=2"],
+    "unet": [],  # unet_overrides: the tiny upstream exports, quick samples
 }
 
 
@@ -58,46 +55,21 @@ class NanOnRank1(L.Callback):
             batch["image"].fill_(float("nan"))
 
 
-def cli(tmp_path: Path, shards: dict, *extra: str) -> subprocess.CompletedProcess:
-    args = [
-        "-m",
-        "ldm_train",
-        "logger=csv",
-        f"paths.output_root={tmp_path / 'outputs'}",
-        f"data.train_urls='{shards['train_urls']}'",
-        f"data.val_urls='{shards['val_urls']}'",
-        "data.make_dataset=null",
-        "data.num_workers=0",
-        "data.batch_size=8",
-        "data.batches_per_epoch=2",
-        "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false",
-        f"+callbacks.keys={{_target_:{__name__}.KeyRecorder}}",
-        *extra,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
-    env.update(PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
+@pytest.fixture
+def cli(tmp_path: Path, tiny_overrides, run_cli):
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        args = [
+            "-m",
+            "ldm_train",
+            *tiny_overrides(tmp_path / "outputs"),
+            "data.batches_per_epoch=2",
+            "trainer.limit_val_batches=1",
+            f"+callbacks.keys={{_target_:{__name__}.KeyRecorder}}",
+            *extra,
+        ]
+        return run_cli(args, tmp_path)
 
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> list[str]:
-    """Tiny random exports of the VAE and the CLIP for stage=unet."""
-    from test_unet import write_tiny_clip, write_tiny_vae
-
-    root = tmp_path_factory.mktemp("upstream")
-    vae, clip = write_tiny_vae(root / "vae"), write_tiny_clip(root / "clip")
-    return [f"stage.vae={vae}", f"stage.text_encoder={clip}"]
+    return run
 
 
 def last_checkpoint(run_dir: Path) -> dict:
@@ -109,9 +81,9 @@ def global_step(run_dir: Path) -> int:
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, tiny_shards, upstream):
-    options = [f"stage={stage}", *STAGES[stage], *(upstream if stage == "unet" else [])]
-    cli(tmp_path, tiny_shards, *options, *DDP, "trainer.max_steps=2")
+def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, cli, unet_overrides):
+    options = [f"stage={stage}", *STAGES[stage], *(unet_overrides if stage == "unet" else [])]
+    cli(*options, *DDP, "trainer.max_steps=2")
     run_dir = tmp_path / "outputs" / "shapes" / stage
     assert global_step(run_dir) == 2
     keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -123,7 +95,7 @@ def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, tiny_
         weights = checkpoint["state_dict"].values()
         assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
     if stage == "vae":  # the DDP checkpoint (both optimizers) goes on in one process
-        result = cli(tmp_path, tiny_shards, *options, "trainer.max_steps=3")
+        result = cli(*options, "trainer.max_steps=3")
         assert (
             f"continuing from {run_dir / 'checkpoints' / 'last.ckpt'}"
             in result.stdout + result.stderr

@@ -33,7 +33,7 @@ STAGES = {
     "unet": [  # in pixel space, unconditional; 16 px keeps its attention cheap
         "stage.vae=null",
         "stage.text_encoder=null",
-        "stage.module.samples_per_prompt=0",
+        "stage.module.validation.samples_per_prompt=0",
         "data.image_size=16",
     ],
 }

@@ -4,46 +4,31 @@ same PNGs for the same seed, errors are one line; and the whole chain (stage=all
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
 
 from ldm_train.chain import stage_overrides
 from ldm_train.config import compose_config
 from ldm_train.diffusion.sampler import SamplingOptions
-from ldm_train.generate import load_pipeline, main
+from ldm_train.exports.pipeline import Pipeline
+from ldm_train.generate import main
 from ldm_train.train import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_shards, upstream):  # noqa: F811
+def trained(tmp_path_factory, tiny_overrides, unet_overrides):
     """A U-Net trained for 2 steps on the tiny VAE and CLIP, and its export."""
     tmp = tmp_path_factory.mktemp("generate")
     cfg = compose_config(
         [
-            "stage=unet",
-            f"stage.vae={upstream['vae']}",
-            f"stage.text_encoder={upstream['clip']}",
-            f"paths.output_root={tmp / 'outputs'}",
-            f"data.train_urls='{tiny_shards['train_urls']}'",
-            f"data.val_urls='{tiny_shards['val_urls']}'",
-            "data.make_dataset=null",
-            "data.num_workers=0",
-            "data.batch_size=8",
+            *tiny_overrides(tmp / "outputs"),
+            *unet_overrides,
             "logger=none",
-            "trainer.accelerator=cpu",
             "trainer.max_steps=2",
             "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-            *QUICK_SAMPLES,
         ]
     )
     _, objects = train(cfg)
@@ -54,18 +39,18 @@ def test_export_is_self_contained_and_matches_the_trained_module(trained, tmp_pa
     module, export = trained
     moved = tmp_path / "copied"
     shutil.copytree(export, moved)  # a user copies the folder elsewhere
-    pipeline = load_pipeline(moved)
+    pipeline = Pipeline.load(moved)
     assert pipeline.latent_shape == (4, 8, 8) and pipeline.text_encoder is not None
     prompts = ["a large red circle in the center on a blue background", "a small black square"]
     options = SamplingOptions(steps=3, guidance=3.0, seed=5)
     images = pipeline.generate(prompts, 2, options)
     assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
-    assert torch.allclose(images, module.generate(prompts, 2, options), atol=1e-5)
+    assert torch.allclose(images, module.pipeline().generate(prompts, 2, options), atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp"])
 def test_every_sampler_samples(trained, sampler):
-    pipeline = load_pipeline(trained[1])
+    pipeline = Pipeline.load(trained[1])
     images = pipeline.generate(["a red circle"], 2, SamplingOptions(sampler=sampler, steps=3))
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
@@ -96,7 +81,7 @@ def test_generate_cli_errors_are_one_line(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_chain_trains_all_stages_and_checks_its_samples(tmp_path):
+def test_chain_trains_all_stages_and_checks_its_samples(tmp_path, run_cli):
     """python -m ldm_train stage=all with a few steps per stage: every export, the grid, the score."""
     steps = [f"stage.chain.{stage}.max_steps=2" for stage in ("clip", "vae", "unet")]
     args = [
@@ -111,19 +96,10 @@ def test_chain_trains_all_stages_and_checks_its_samples(tmp_path):
         "data.batches_per_epoch=2",
         "data.make_dataset.n_train=256",
         "data.make_dataset.n_val=64",
-        "stage.chain.unet.overrides=['stage.module.samples_per_prompt=1',"
-        "'stage.module.sampling.steps=2']",
+        "stage.chain.unet.overrides=['stage.module.validation.samples_per_prompt=1',"
+        "'stage.module.validation.sampling.steps=2']",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "ldm_train", "stage=all", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["-m", "ldm_train", "stage=all", *args], tmp_path, timeout=600)
     outputs = tmp_path / "outputs" / "shapes"
     for stage in ("clip", "vae", "unet"):
         assert (outputs / stage / "export").is_dir(), stage
@@ -144,3 +120,9 @@ def test_chain_stage_overrides_take_the_presets_steps_where_max_steps_is_null():
     assert f"trainer.max_steps={cfg.stage.chain.unet.max_steps}" in unet
     assert unet[-1] == "model.lr=1e-4"  # the user's overrides come last: they win
     assert compose_config(unet).model.lr == 1e-4
+    # The U-Net stage gets the exports the chain made, whatever the config would have guessed.
+    exports = {"clip": Path("/elsewhere/clip export"), "vae": Path("/elsewhere/vae")}
+    unet = compose_config(stage_overrides(cfg, "unet", [], exports))
+    assert (unet.stage.text_encoder, unet.stage.vae) == ("/elsewhere/clip export", "/elsewhere/vae")
+    user = compose_config(stage_overrides(cfg, "unet", ["stage.vae=null"], exports))
+    assert user.stage.vae is None  # and the user's word is last

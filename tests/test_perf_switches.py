@@ -1,4 +1,4 @@
-"""The speed switches (ldm_train/perf.py, stage.module.* and trainer.* keys): each trains a step
+"""The speed switches (ldm_train/perf.py: perf.*, optimizer.* and trainer.* keys): each trains a step
 through the real train() on the CPU with tiny nets, and does what it says."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from test_unet import QUICK_SAMPLES, upstream  # noqa: F401 (a fixture; tests/ is on sys.path)
 
 from ldm_train.diffusion.upstream import vae_moments
 from ldm_train.train import train
@@ -46,27 +45,27 @@ SWITCHES: dict[str, tuple[str, list[str], Check]] = {
         lambda o, c: (
             o["trainer"].precision == "bf16-mixed"
             and unet_net(o).dtype == torch.float32  # mixed: fp32 weights, bf16 compute
-            and o["module"].vae.dtype == torch.float32
+            and o["module"].latents.vae(o["module"].device).dtype == torch.float32
         ),
     ),
     "unet-channels-last": (
         "unet",
-        ["stage.module.channels_last=true"],
+        ["perf.channels_last=true"],
         lambda o, c: is_channels_last(unet_net(o).conv_in.weight),
     ),
     "unet-gradient-checkpointing": (
         "unet",
-        ["stage.module.gradient_checkpointing=true"],
+        ["perf.gradient_checkpointing=true"],
         lambda o, c: unet_net(o).is_gradient_checkpointing,
     ),
-    "unet-fused-adamw": (
+    "unet-fused-adamw": (  # the default
         "unet",
-        ["stage.module.optimizer.fused=true"],
+        [],
         lambda o, c: optimizer(o).defaults["fused"] is True,
     ),
     "unet-foreach-adamw": (
         "unet",
-        ["stage.module.optimizer.foreach=true"],
+        ["optimizer.fused=false", "+optimizer.foreach=true"],
         lambda o, c: optimizer(o).defaults["foreach"] is True,
     ),
     "unet-sdpa-attention": (  # the default: diffusers' AttnProcessor2_0 calls torch's SDPA
@@ -82,7 +81,7 @@ SWITCHES: dict[str, tuple[str, list[str], Check]] = {
     ),
     "unet-eager-attention": (
         "unet",
-        ["stage.module.attention=eager"],
+        ["perf.attention=eager"],
         lambda o, c: processors(o) == {AttnProcessor} and c["sdpa"] == 0,
     ),
     "unet-accumulate-2": (  # one optimizer step from two batches
@@ -100,48 +99,43 @@ SWITCHES: dict[str, tuple[str, list[str], Check]] = {
     ),
     "clip-channels-last": (
         "clip",
-        [*CLIP_SMALL, "stage.module.channels_last=true"],
+        [*CLIP_SMALL, "perf.channels_last=true"],
         lambda o, c: is_channels_last(o["module"].net.visual.conv1.weight),
     ),
     "clip-gradient-checkpointing": (
         "clip",
-        [*CLIP_SMALL, "stage.module.gradient_checkpointing=true"],
+        [*CLIP_SMALL, "perf.gradient_checkpointing=true"],
         lambda o, c: o["module"].net.transformer.grad_checkpointing,
     ),
     "clip-foreach-adamw": (
         "clip",
-        [*CLIP_SMALL, "stage.module.optimizer.fused=false", "+stage.module.optimizer.foreach=true"],
+        [*CLIP_SMALL, "optimizer.fused=false", "+optimizer.foreach=true"],
         lambda o, c: optimizer(o).defaults["foreach"] is True,
     ),
     "vae-bf16-mixed": ("vae", ["trainer.precision=bf16-mixed"], lambda o, c: True),
     "vae-channels-last": (
         "vae",
-        ["stage.module.channels_last=true"],
+        ["perf.channels_last=true"],
         lambda o, c: is_channels_last(o["module"].net.encoder.conv_in.weight),
     ),
     "vae-gradient-checkpointing": (
         "vae",
-        ["stage.module.gradient_checkpointing=true"],
+        ["perf.gradient_checkpointing=true"],
         lambda o, c: o["module"].net.is_gradient_checkpointing,
     ),
     "vae-eager-attention": (
         "vae",
-        ["stage.module.attention=eager"],
+        ["perf.attention=eager"],
         lambda o, c: {type(p) for p in o["module"].net.attn_processors.values()} == {AttnProcessor},
     ),
 }
 
 
 @pytest.fixture
-def stage_cfg(make_cfg, upstream):  # noqa: F811
+def stage_cfg(make_cfg, unet_overrides):
     def compose(stage: str, *overrides: str):
-        extra = [f"stage.vae={upstream['vae']}", f"stage.text_encoder={upstream['clip']}"]
-        return make_cfg(
-            f"stage={stage}",
-            *(extra + QUICK_SAMPLES if stage == "unet" else []),
-            *ONE_STEP,
-            *overrides,
-        )
+        unet = unet_overrides if stage == "unet" else []
+        return make_cfg(f"stage={stage}", *unet, *ONE_STEP, *overrides)
 
     return compose
 
@@ -185,7 +179,7 @@ def test_switch_trains_a_step(switch, stage_cfg, sdpa_calls):
     ["eager", pytest.param("inductor", marks=pytest.mark.slow)],
 )
 def test_compiled_unet_trains_a_step(backend, stage_cfg):
-    compiled = ["stage.module.compile=true", f"stage.module.compile_backend={backend}"]
+    compiled = ["perf.compile=true", f"perf.compile_backend={backend}"]
     metrics, objects = train(stage_cfg("unet", *compiled))
     net = objects["module"].net
     assert net._compiled_call_impl is not None  # nn.Module.compile, in place
@@ -193,7 +187,7 @@ def test_compiled_unet_trains_a_step(backend, stage_cfg):
     assert torch.isfinite(torch.tensor(metrics["train/mse"]))
 
 
-def test_the_vae_stays_fp32_under_autocast(upstream):  # noqa: F811
+def test_the_vae_stays_fp32_under_autocast(upstream):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(upstream["vae"]).eval()

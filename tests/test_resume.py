@@ -3,10 +3,8 @@ the same order, as a run that never stopped, and ends with the same weights."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,36 +69,34 @@ def test_resumed_run_sees_the_same_data_and_ends_with_the_same_weights(make_cfg,
         assert torch.equal(a, b)
 
 
-def cli(tmp_path: Path, tiny_shards: dict, name: str, *extra: str) -> subprocess.Popen:
+@pytest.fixture
+def cli(tmp_path: Path, tiny_shards, start_cli):
     """The real CLI training a Recorder (0.15 s a step) on the tiny shards, 2 loader workers."""
-    args = [
-        "-m",
-        "ldm_train",
-        f"experiment_name={name}",
-        "logger=csv",
-        "trainer.accelerator=cpu",
-        f"paths.output_root={tmp_path}",
-        f"data.train_urls='{tiny_shards['train_urls']}'",
-        f"data.val_urls='{tiny_shards['val_urls']}'",
-        "data.make_dataset=null",
-        "data.num_workers=2",
-        "data.batch_size=8",
-        "data.batches_per_epoch=5",
-        "trainer.max_steps=16",
-        "trainer.enable_progress_bar=false",
-        "checkpoint_every_n_steps=2",
-        "~stage.module",
-        f"+stage.module={{_target_:{__name__}.Recorder,delay:0.15}}",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        args = [
+            "-m",
+            "ldm_train",
+            f"experiment_name={name}",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            f"paths.output_root={tmp_path}",
+            f"data.train_urls='{tiny_shards['train_urls']}'",
+            f"data.val_urls='{tiny_shards['val_urls']}'",
+            "data.make_dataset=null",
+            "data.num_workers=2",
+            "data.batch_size=8",
+            "data.batches_per_epoch=5",
+            "trainer.max_steps=16",
+            "trainer.enable_progress_bar=false",
+            "checkpoint_every_n_steps=2",
+            "~stage.module",
+            f"+stage.module={{_target_:{__name__}.Recorder,delay:0.15}}",
+            *extra,
+        ]
+        return start_cli(args, tmp_path)
+
+    return start
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -118,15 +114,15 @@ def finish(process: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_shards):
-    finish(cli(tmp_path, tiny_shards, "straight"))  # 2 loader workers
-    killed = cli(tmp_path, tiny_shards, "killed", "keep_last_checkpoints=-1")
+def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cli):
+    finish(cli("straight"))  # 2 loader workers
+    killed = cli("killed", "keep_last_checkpoints=-1")
     # The kill lands before or after last.ckpt moves from step 6 to 8 (or 10): each must resume
     # exactly (step 6, one step into an epoch, once did not with 2 workers).
     wait_for(tmp_path / "killed" / "clip" / "checkpoints" / "step00000008.ckpt", killed)
     killed.send_signal(signal.SIGKILL)  # kill -9: nothing gets to clean up
     killed.wait()
-    output = finish(cli(tmp_path, tiny_shards, "killed"))  # the same command again
+    output = finish(cli("killed"))  # the same command again
     assert "resume=auto: continuing from" in output
     straight = torch.load(tmp_path / "straight" / "clip" / "export" / "weights.pt")
     resumed = torch.load(tmp_path / "killed" / "clip" / "export" / "weights.pt")
@@ -135,9 +131,9 @@ def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_shards, signum):
+def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum):
     run_dir = tmp_path / "preempted" / "clip"
-    process = cli(tmp_path, tiny_shards, "preempted")
+    process = cli("preempted")
     wait_for(run_dir / "checkpoints" / "step00000004.ckpt", process)
     process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
@@ -145,5 +141,5 @@ def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_s
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert 4 <= step < 16
     assert f"saved {run_dir / 'checkpoints' / 'last.ckpt'} at step {step}" in output
-    output = finish(cli(tmp_path, tiny_shards, "preempted"))
+    output = finish(cli("preempted"))
     assert f"continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in output

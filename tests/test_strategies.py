@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import ShardingStrategy
 
 from ldm_train.config import UserError, compose_config
+from ldm_train.rundir import RunDir
 from ldm_train.stages.unet import build_net
 from ldm_train.train import train, wandb_run_id
 
@@ -46,8 +47,9 @@ def test_fsdp_with_the_unets_ema_is_a_one_line_error(make_cfg):
 def test_only_rank_0_writes_the_wandb_run_id(tmp_path, monkeypatch):
     # Every DDP process builds the logger; a rank > 0 must not replace the id of rank 0's W&B run.
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    wandb_run_id(tmp_path, resuming=False)
-    assert not (tmp_path / "wandb_run_id").exists()
+    run = RunDir(tmp_path)
+    wandb_run_id(run, resuming=False)
+    assert not run.wandb_id.exists()
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    run_id = wandb_run_id(tmp_path, resuming=False)
-    assert (tmp_path / "wandb_run_id").read_text() == run_id
+    run_id = wandb_run_id(run, resuming=False)
+    assert run.wandb_id.read_text() == run_id

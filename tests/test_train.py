@@ -29,7 +29,11 @@ def logged(run_dir: Path, name: str) -> list[float]:
 STANDALONE = {
     "clip": [],
     "vae": [],
-    "unet": ["stage.vae=null", "stage.text_encoder=null", "stage.module.samples_per_prompt=0"],
+    "unet": [
+        "stage.vae=null",
+        "stage.text_encoder=null",
+        "stage.module.validation.samples_per_prompt=0",
+    ],
 }
 
 

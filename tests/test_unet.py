@@ -3,24 +3,18 @@ upstream parts, the errors are one line, and the presets build (sd15: SD 1.5's p
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import open_clip
 import pytest
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from hydra.utils import instantiate
-from open_clip.model import set_model_preprocess_cfg
-from open_clip.push_to_hf_hub import save_config_for_hf
 
 from ldm_train.config import UserError, compose_config
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.diffusion.ema import warmup_decay
 from ldm_train.diffusion.loss import diffusion_loss, min_snr_weights
 from ldm_train.diffusion.schedule import build_noise_scheduler
-from ldm_train.exports.clip import CONFIG_FILE as CLIP_CONFIG
 from ldm_train.train import build, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -33,80 +27,6 @@ def user_error(spec) -> str:
     message = str(caught.value)
     assert "\n" not in message
     return message
-
-
-def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
-    """A random diffusers AutoencoderKL folder: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[8, 16, 16],
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.5,
-    ).save_pretrained(path)
-    return path
-
-
-def write_tiny_clip(path: Path) -> Path:
-    """A random open_clip CLIP in the layout stage=clip exports (text width 32)."""
-    torch.manual_seed(0)
-    card = {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 32,
-            "layers": 1,
-            "head_width": 16,
-        },
-        "text_cfg": {
-            "context_length": 24,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 2,
-        },
-    }
-    model = open_clip.CLIP(**card)
-    set_model_preprocess_cfg(
-        model,
-        {"size": 32, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD},
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    save_config_for_hf(model, path / CLIP_CONFIG, model_config=card)
-    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(weights, path / "open_clip_model.safetensors")
-    return path
-
-
-@pytest.fixture(scope="session")
-def upstream(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("upstream")
-    return {"vae": write_tiny_vae(root / "vae"), "clip": write_tiny_clip(root / "clip")}
-
-
-# Fewer, shorter validation samples than the defaults: the tests check wiring, not quality.
-QUICK_SAMPLES = ["stage.module.samples_per_prompt=1", "stage.module.sampling.steps=2"]
-
-
-@pytest.fixture
-def unet_cfg(make_cfg, upstream):
-    def compose(*overrides: str):
-        return make_cfg(
-            "stage=unet",
-            f"stage.vae={upstream['vae']}",
-            f"stage.text_encoder={upstream['clip']}",
-            *QUICK_SAMPLES,
-            *overrides,
-        )
-
-    return compose
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +46,14 @@ def fixed_batch(tiny_shards) -> dict:
 
 EPSILON = "stage.module.noise_scheduler.prediction_type=epsilon"
 OPTIONS = {  # the tiny preset trains v_prediction with min-SNR weighting
-    "epsilon": [EPSILON, "stage.module.snr_gamma=null"],
-    "v_prediction": ["stage.module.snr_gamma=null"],
-    "min_snr": [EPSILON, "stage.module.snr_gamma=5.0"],
-    "offset_noise": ["stage.module.offset_noise=0.1"],
+    "epsilon": [EPSILON, "stage.module.loss.snr_gamma=null"],
+    "v_prediction": ["stage.module.loss.snr_gamma=null"],
+    "min_snr": [EPSILON, "stage.module.loss.snr_gamma=5.0"],
+    "offset_noise": ["stage.module.loss.offset_noise=0.1"],
     "zero_terminal_snr": [
         "stage.module.noise_scheduler.rescale_betas_zero_snr=true",
         "stage.module.noise_scheduler.prediction_type=v_prediction",
-        "stage.module.snr_gamma=5.0",
+        "stage.module.loss.snr_gamma=5.0",
     ],
 }
 
@@ -141,14 +61,18 @@ OPTIONS = {  # the tiny preset trains v_prediction with min-SNR weighting
 @pytest.mark.parametrize("option", OPTIONS)
 def test_one_training_step_per_option(option, unet_cfg, fixed_batch):
     module = instantiate(unet_cfg(*OPTIONS[option]).stage.module)
-    assert module.latent_shape == (4, 8, 8)  # the tiny VAE's latents, not the images
+    assert module.latents.shape == (4, 8, 8)  # the tiny VAE's latents, not the images
     assert module.net.config.cross_attention_dim == 32  # the tiny text encoder's width
     loss = module.training_step(fixed_batch, batch_idx=0)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert all(p.grad is not None for p in module.net.parameters() if p.requires_grad)
     # Frozen upstream parts: eval mode, no gradients, not part of the trained (or saved) weights.
-    for frozen in (module.vae, module.text_encoder):
+    frozen_parts = (
+        module.latents.vae(module.device),
+        module.conditioning.text_encoder(module.device),
+    )
+    for frozen in frozen_parts:
         assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     assert not any(k.startswith(("vae", "text_encoder", "_")) for k in module.state_dict())
     # Same seed and step: the same t, noise and dropout, so the same loss.
@@ -157,14 +81,14 @@ def test_one_training_step_per_option(option, unet_cfg, fixed_batch):
 
 
 def test_caches_give_the_same_step(unet_cfg, fixed_batch):
-    caches = ["stage.module.cache_text=100", "stage.module.cache_latents=100"]
+    caches = ["stage.module.conditioning.cache_size=100", "stage.module.latents.cache_size=100"]
     plain, cached = (build(unet_cfg(*extra).stage.module) for extra in ([], caches))
     cached.net.load_state_dict(plain.net.state_dict())
     for batch_idx in (0, 1):  # the second step reads what the first kept
         expected = plain.training_step(fixed_batch, batch_idx)
         assert torch.allclose(cached.training_step(fixed_batch, batch_idx), expected, atol=1e-6)
-    assert set(cached.text_cache.items) <= set(fixed_batch["caption"]) | {""}  # "": dropped
-    assert len(cached.latent_cache.items) == len(fixed_batch["key"])
+    assert set(cached.conditioning.cache.items) <= set(fixed_batch["caption"]) | {""}  # "": dropped
+    assert len(cached.latents.cache.items) == len(fixed_batch["key"])
 
 
 def test_loss_goes_down_on_a_fixed_batch(unet_cfg, fixed_batch):
@@ -197,18 +121,14 @@ def test_train_logs_samples_keeps_ema_in_checkpoints_and_exports(unet_cfg):
     assert torch.equal(exported["conv_in.weight"], ema["net.conv_in.weight"])  # EMA weights
 
 
-def test_pixel_space_trains_and_samples(make_cfg):
-    cfg = make_cfg(
-        "stage=unet",
-        "stage.vae=null",
-        "stage.text_encoder=null",
-        "model.net.block_out_channels=[32,32]",
-        *QUICK_SAMPLES,
+def test_pixel_space_trains_and_samples(unet_cfg):
+    cfg = unet_cfg(
+        "stage.vae=null", "stage.text_encoder=null", "model.net.block_out_channels=[32,32]"
     )
     _, objects = train(cfg)
     module = objects["module"]
-    assert module.latent_shape == (3, 32, 32) and module.vae is None
-    images = module.generate([""], 2)
+    assert module.latents.shape == (3, 32, 32) and module.latents.vae(module.device) is None
+    images = module.pipeline().generate([""], 2)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     assert list((objects["run_dir"] / "images").glob("samples_step*.png"))
 
@@ -240,8 +160,11 @@ def test_latent_channel_mismatch_is_a_one_line_error(unet_cfg):
             "noise_scheduler.beta_schedule=cosine",
             "beta_schedule='cosine' is not valid; choose one of: linear",
         ),
-        ("sampling.sampler=heun", "sampler='heun' is not valid; choose one of: ddim, euler, dpmpp"),
-        ("caption_dropout=1.5", "caption_dropout=1.5; need 0 <= p <= 1"),
+        (
+            "validation.sampling.sampler=heun",
+            "sampler='heun' is not valid; choose one of: ddim, euler, dpmpp",
+        ),
+        ("conditioning.caption_dropout=1.5", "caption_dropout=1.5; need 0 <= p <= 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(unet_cfg, override, expected):

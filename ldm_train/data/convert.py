@@ -179,34 +179,42 @@ def convert_folder(
         for path in tqdm(images, desc="convert", unit="img", disable=not progress):
             relative = path.relative_to(src).as_posix()
             try:
-                text = read_caption(path)
-                extension, image_bytes = encode_image(path)
+                record = _record(path, relative, used_keys)
             except SkipSample as skip:
                 report.skip(str(skip), relative)
                 continue
             if writer is None:  # opened lazily: ShardWriter creates a shard file at once
-                out_dir.mkdir(parents=True, exist_ok=True)
-                writer = wds.ShardWriter(
-                    _shard_pattern(out_dir, prefix),
-                    maxcount=shard_size,
-                    verbose=0,
-                    format="PAX_FORMAT",  # ustar caps names at 100 bytes; deep paths make long keys
-                    post=lambda name: report.shards.append(Path(name)),
-                )
-            writer.write(
-                {
-                    "__key__": _unique_key(relative, used_keys),
-                    extension: image_bytes,
-                    "txt": text.encode("utf-8"),
-                    "json": json.dumps({"source": relative, "caption": text}).encode("utf-8"),
-                }
-            )
+                writer = _shard_writer(out_dir, prefix, shard_size, report)
+            writer.write(record)
             report.written += 1
     finally:
         if writer is not None:
             writer.close()
     _log_summary(report, out_dir, prefix)
     return report
+
+
+def _record(path: Path, relative: str, used_keys: set[str]) -> dict:
+    """One sample: the image as it is (or re-encoded), its caption and a json with its source."""
+    text = read_caption(path)
+    extension, image_bytes = encode_image(path)
+    return {
+        "__key__": _unique_key(relative, used_keys),
+        extension: image_bytes,
+        "txt": text.encode("utf-8"),
+        "json": json.dumps({"source": relative, "caption": text}).encode("utf-8"),
+    }
+
+
+def _shard_writer(out_dir: Path, prefix: str, shard_size: int, report: ConvertReport):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return wds.ShardWriter(
+        _shard_pattern(out_dir, prefix),
+        maxcount=shard_size,
+        verbose=0,
+        format="PAX_FORMAT",  # ustar caps names at 100 bytes; deep paths make long keys
+        post=lambda name: report.shards.append(Path(name)),
+    )
 
 
 def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:

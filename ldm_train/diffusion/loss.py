@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_snr
+
+from ldm_train.config import UserError
 
 
 def sample_noise(
@@ -60,3 +63,37 @@ def diffusion_loss(
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, t, snr_gamma)
     return {"mse": per_sample.mean()}
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """The training objective's options (config stage.module.loss): min-SNR-gamma weighting
+    (snr_gamma, e.g. 5.0; None: plain MSE) and offset noise (e.g. 0.1; 0: none)."""
+
+    snr_gamma: float | None = None
+    offset_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(
+                f"stage.module.loss.snr_gamma={self.snr_gamma}; need > 0 (or null: no weighting)"
+            )
+        if self.offset_noise < 0:
+            raise UserError(f"stage.module.loss.offset_noise={self.offset_noise}; need >= 0")
+
+    def draw(
+        self, x0: torch.Tensor, num_timesteps: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise) for a batch: t ~ U{0 .. num_timesteps-1} per sample, then the noise."""
+        t = torch.randint(0, num_timesteps, (len(x0),), generator=generator, device=x0.device)
+        return t, sample_noise(x0.shape, generator, x0.device, self.offset_noise)
+
+    def __call__(
+        self,
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        scheduler: SchedulerMixin,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return diffusion_loss(predict, scheduler, x0, t, noise, self.snr_gamma)

@@ -1,4 +1,5 @@
-"""What every stage shares: optimizer and LR schedule from the partials the config builds."""
+"""What every stage shares: the optimizer and LR schedule partials of the optimizer and
+lr_scheduler config groups, and the speed switches (perf) on the trainable net."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ldm_train.perf import Perf
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -15,10 +18,16 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 class StageModule(L.LightningModule):
     """A stage gets ready-made parts (net, loss, optimizer partial, ...) and never reads config."""
 
-    def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None):
+    def __init__(
+        self,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        perf: Perf | None = None,
+    ):
         super().__init__()
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.scheduler_factory = lr_scheduler
+        self.perf = perf or Perf()
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

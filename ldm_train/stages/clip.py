@@ -34,7 +34,7 @@ from ldm_train.losses.contrastive import (
     build_contrastive_loss,
     contrastive_terms,
 )
-from ldm_train.perf import apply_switches, to_channels_last
+from ldm_train.perf import Perf
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ClipStage(StageModule):
         net: open_clip.CLIP,
         tokenizer: Tokenizer,
         optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
         loss: ContrastiveLossKind = "clip",
         local_loss: bool = False,
         gather_with_grad: bool = False,
@@ -142,24 +142,14 @@ class ClipStage(StageModule):
         image_mean: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN,
         image_std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD,
         export_name: str = "ldm-train-clip",
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        gradient_checkpointing: bool = False,
+        perf: Perf | None = None,
     ):
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, lr_scheduler, perf)
         check_choice("stage.module.loss", loss, LOSS_KINDS)
         model_cfg = getattr(net, "model_cfg", None)
         if model_cfg is None:
             raise UserError("ClipStage needs a net made by ldm_train.stages.clip.build_clip")
-        self.net = apply_switches(  # speed switches (ldm_train.perf)
-            net,
-            channels_last=channels_last,
-            compile=compile,
-            compile_backend=compile_backend,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        self.channels_last = channels_last
+        self.net = self.perf.apply(net)
         self.net.output_dict = True  # as open_clip_train runs it: features + logit scale by name
         self.model_cfg = copy.deepcopy(model_cfg)
         self.tokenizer = tokenizer
@@ -170,20 +160,7 @@ class ClipStage(StageModule):
         self.configure_loss(rank=0, world_size=1)
         self.val_loss_fn = build_contrastive_loss(loss)  # per batch, this rank's negatives only
 
-        # The loader gives [-1, 1]; CLIP towers expect (x - mean) / std on [0, 1]. The same
-        # mean/std go into the export's preprocess_cfg, so open_clip's preprocess matches.
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), False)
-        set_model_preprocess_cfg(
-            self.net,
-            {
-                "size": self.net.visual.image_size,
-                "mean": tuple(image_mean),
-                "std": tuple(image_std),
-                **LOADER_PREPROCESS,
-            },
-        )
-
+        self._set_normalization(image_mean, image_std)
         self.zero_shot = parse_zero_shot(zero_shot)
         self.zero_shot_acc = torch.nn.ModuleDict(
             {
@@ -198,6 +175,15 @@ class ClipStage(StageModule):
         # Features of the whole val pass (gathered from every rank) for retrieval.
         self.val_image_features = CatMetric(nan_strategy="disable")
         self.val_text_features = CatMetric(nan_strategy="disable")
+
+    def _set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The loader gives [-1, 1]; CLIP towers expect (x - mean) / std on [0, 1]. The same
+        mean/std go into the export's preprocess_cfg, so open_clip's preprocess matches."""
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), False)
+        size = self.net.visual.image_size
+        preprocess = {"size": size, "mean": tuple(mean), "std": tuple(std), **LOADER_PREPROCESS}
+        set_model_preprocess_cfg(self.net, preprocess)
 
     def _add_siglip_bias(self) -> None:
         """SigLIP learns a logit bias beside the temperature; start both where SigLIP does."""
@@ -229,7 +215,7 @@ class ClipStage(StageModule):
         """open_clip's outputs: image_features, text_features (normalised), logit_scale (exp),
         logit_bias (SigLIP only)."""
         tokens = self.tokenizer(list(captions)).to(self.device)
-        images = to_channels_last(self.normalize(images), self.channels_last)
+        images = self.perf.input(self.normalize(images))
         return self.net(images, tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

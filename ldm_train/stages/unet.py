@@ -1,55 +1,47 @@
 """Stage unet: noise prediction at random timesteps in the VAE's latent space, conditioned on the
 frozen text encoder (diffusers UNet2DConditionModel and noise schedulers).
 
-One training step (training_step -> diffusion_loss):
-    image B x 3 x H x W  --VAE.encode, sample, * scaling_factor-->  x0 B x 4 x H/f x W/f
-    t ~ U{0 .. T-1}, noise ~ N(0, 1)        (both from a generator seeded by seed and global step)
+One training step (training_step):
+    captions -> some dropped to "" (conditioning.dropped)
+    image B x 3 x H x W  --VAE.encode, sample, * scaling_factor-->  x0 B x 4 x H/f x W/f  (latents)
+    captions --frozen text encoder-->  context B x L x D                           (conditioning)
+    t ~ U{0 .. T-1}, noise ~ N(0, 1)        (all draws from a generator seeded by seed, rank, step)
     x_t = scheduler.add_noise(x0, noise, t)
-    loss = MSE(UNet(x_t, t, text_encoder(caption)), noise or velocity)   (captions dropped to "" at
-                                                                           caption_dropout)
+    loss = MSE(UNet(x_t, t, context), noise or velocity)                 (loss: DiffusionObjective)
+The stage receives its parts ready-made: the net (or its preset as a partial, sized here from the
+parts), the noise scheduler, the Conditioning, the LatentEncoder, the objective and the optimizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.config import UserError
+from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.ema import EMA
-from ldm_train.diffusion.loss import diffusion_loss, sample_noise
-from ldm_train.diffusion.sampler import SamplingOptions, per_prompt, sample
-from ldm_train.diffusion.upstream import (
-    Frozen,
-    KeyedCache,
-    TextEncoder,
-    encode_images,
-    latent_distribution,
-    moments_to_distribution,
-    sample_latents,
-    text_context,
-    vae_scale_factor,
-)
-from ldm_train.perf import Attention, apply_switches, to_channels_last, unet_training_flops
+from ldm_train.diffusion.latents import LatentEncoder
+from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
+from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.diffusion.upstream import encode_images
+from ldm_train.exports.pipeline import Pipeline
+from ldm_train.perf import Perf, unet_training_flops
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
-log = logging.getLogger(__name__)
-
-PIPELINE_FILE = "ldm_train_pipeline.json"  # the export's index: components and sampling defaults
 UnetFactory = Callable[..., UNet2DConditionModel]
+VALIDATION_SEED = (
+    7_777_777  # the validation loss's noise: the same at every validation of every run
+)
 
 
 def step_generator(device: torch.device, *key: int) -> torch.Generator:
@@ -72,6 +64,30 @@ def prompt_captions(prompts: Sequence[Any] | None) -> list[str]:
             raise UserError(f"a prompt must be a string or have a 'caption' string, got {prompt!r}")
         captions.append(caption)
     return captions
+
+
+@dataclass
+class ValidationOptions:
+    """What a validation measures besides the loss (config stage.module.validation): val/mse at
+    `timesteps` evenly spaced timesteps with fixed noise, and a grid of samples_per_prompt samples
+    for each prompt, drawn with `sampling` (also the export's sampling defaults)."""
+
+    timesteps: int = 5
+    prompts: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 4
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def __post_init__(self) -> None:
+        self.prompts = prompt_captions(self.prompts)
+        if isinstance(self.sampling, Mapping):
+            self.sampling = SamplingOptions(**self.sampling)
+        if self.timesteps < 1:
+            raise UserError(f"stage.module.validation.timesteps={self.timesteps}; need >= 1")
+
+    @classmethod
+    def parse(cls, options: ValidationOptions | Mapping | None) -> ValidationOptions:
+        """From the config's mapping (or as given)."""
+        return options if isinstance(options, cls) else cls(**(options or {}))
 
 
 def build_net(
@@ -107,103 +123,51 @@ def build_net(
     return net
 
 
+def context_width(net: UNet2DConditionModel | UnetFactory, conditioning: Conditioning) -> int:
+    """The cross-attention width: the text encoder's; unconditional, the net's or preset's (else 1)."""
+    if conditioning.width is not None:
+        return conditioning.width
+    if isinstance(net, UNet2DConditionModel):
+        return net.config.cross_attention_dim
+    return dict(getattr(net, "keywords", {})).get("cross_attention_dim") or 1
+
+
+def check_ema_decay(decay: float | None) -> float | None:
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise UserError(f"stage.module.ema_decay={decay}; need 0 < decay < 1 (or null: no EMA)")
+    return decay
+
+
 class UnetStage(StageModule):
     def __init__(
         self,
         net: UNet2DConditionModel | UnetFactory,
         noise_scheduler: SchedulerMixin,
         optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        vae: AutoencoderKL | None = None,
-        text_encoder: TextEncoder | None = None,
-        image_size: int = 32,
-        image_channels: int = 3,
-        caption_dropout: float = 0.1,
-        snr_gamma: float | None = None,
-        offset_noise: float = 0.0,
+        lr_scheduler: SchedulerFactory | None = None,
+        conditioning: Conditioning | None = None,
+        latents: LatentEncoder | None = None,
+        loss: DiffusionObjective | None = None,
         ema_decay: float | None = 0.999,
         seed: int = 0,
-        val_timesteps: int = 5,
-        prompts: Sequence[Any] | None = None,
-        sampling: SamplingOptions | Mapping | None = None,
-        samples_per_prompt: int = 4,
-        text_layer: str | None = None,
-        cache_text: int = 0,
-        cache_latents: int = 0,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        gradient_checkpointing: bool = False,
-        attention: Attention = "sdpa",
+        validation: ValidationOptions | Mapping | None = None,
+        perf: Perf | None = None,
     ):
-        """net: a UNet2DConditionModel, or a factory (the preset as a partial) that gets in_channels,
-        cross_attention_dim and sample_size from the VAE and the text encoder where left null.
-        vae / text_encoder: frozen upstream parts; None trains in pixel space / unconditionally.
-        cache_text / cache_latents: keep this many captions' hidden states / training images'
-        latent Gaussians (by sample key) instead of recomputing them; latents only when the image
-        transforms are deterministic (no random flip or crop). Batches from latent-cache shards
-        (python -m ldm_train.cache_latents) bring their own latent moments and hidden states.
-        channels_last / compile / gradient_checkpointing / attention: speed switches on the U-Net
-        (ldm_train.perf)."""
-        super().__init__(optimizer, scheduler)
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise UserError(f"stage.module.caption_dropout={caption_dropout}; need 0 <= p <= 1")
-        if snr_gamma is not None and snr_gamma <= 0:
-            raise UserError(f"stage.module.snr_gamma={snr_gamma}; need > 0 (or null: no weighting)")
-        if offset_noise < 0:
-            raise UserError(f"stage.module.offset_noise={offset_noise}; need >= 0")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise UserError(f"stage.module.ema_decay={ema_decay}; need 0 < decay < 1 (or null)")
-        factor = vae_scale_factor(vae)
-        if image_size % factor:
-            raise UserError(
-                f"data.image_size={image_size} is not a multiple of the VAE's downsampling ({factor})"
-            )
-        latent_channels = vae.config.latent_channels if vae is not None else image_channels
-        context_width = text_encoder.width if text_encoder is not None else 1
-        if text_encoder is None and not isinstance(net, UNet2DConditionModel):
-            context_width = dict(getattr(net, "keywords", {})).get("cross_attention_dim") or 1
-        self.net = build_net(net, latent_channels, context_width, image_size // factor)
-        apply_switches(
-            self.net,
-            channels_last=channels_last,
-            compile=compile,
-            compile_backend=compile_backend,
-            gradient_checkpointing=gradient_checkpointing,
-            attention=attention,
-        )
-        self.channels_last = channels_last
-        self._empty_context: torch.Tensor | None = None
+        """net: a UNet2DConditionModel, or its preset as a partial whose null sizes follow the
+        latents and the conditioning (by default: pixel space, unconditional)."""
+        super().__init__(optimizer, lr_scheduler, perf)
+        self.conditioning = conditioning or Conditioning()
+        self.latents = latents or LatentEncoder()
+        width = context_width(net, self.conditioning)
+        self.net = self.perf.apply(build_net(net, self.latents.channels, width, self.latents.side))
+        self.noise_scheduler = noise_scheduler
+        self.loss = loss or DiffusionObjective()
+        self.ema_decay, self.seed = check_ema_decay(ema_decay), seed
+        self.validation = ValidationOptions.parse(validation)
+        self.val_loss = MeanMetric()
+        self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.fixed_timesteps())
         self._batch_shapes: tuple | None = None  # (x0, context) of the latest training batch
         self._flops: dict[tuple, int] = {}
-        self.noise_scheduler = noise_scheduler
-        self._vae, self._text_encoder = Frozen(vae), Frozen(text_encoder)
-        self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
-        self.image_size = image_size
-        self.caption_dropout = caption_dropout
-        self.snr_gamma = snr_gamma
-        self.offset_noise = offset_noise
-        self.ema_decay = ema_decay
-        self.seed = seed
-        self.val_timesteps = val_timesteps
-        self.prompts = prompt_captions(prompts)
-        if isinstance(sampling, Mapping | DictConfig):
-            sampling = SamplingOptions(**sampling)
-        self.sampling = sampling or SamplingOptions()
-        self.samples_per_prompt = samples_per_prompt
-        self.text_layer = text_layer or getattr(text_encoder, "layer", None)
-        self.text_cache, self.latent_cache = KeyedCache(cache_text), KeyedCache(cache_latents)
-        self.val_loss = MeanMetric()
-        self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in range(val_timesteps))
-
-    # -- the frozen upstream parts, on the stage's device -----------------------------------------
-    @property
-    def vae(self) -> AutoencoderKL | None:
-        return self._vae.on(self.device)
-
-    @property
-    def text_encoder(self) -> TextEncoder | None:
-        return self._text_encoder.on(self.device)
 
     def trainable_parameters(self):
         return self.net.parameters()
@@ -211,38 +175,26 @@ class UnetStage(StageModule):
     def configure_callbacks(self):
         return [EMA(self.ema_decay)] if self.ema_decay is not None else []
 
+    def pipeline(self) -> Pipeline:
+        """The stage's parts as a Pipeline: what validation samples with and export writes."""
+        return Pipeline(
+            unet=self.net,
+            scheduler=self.noise_scheduler,
+            vae=self.latents.vae(self.device),
+            text_encoder=self.conditioning.text_encoder(self.device),
+            image_size=self.latents.image_size,
+            sampling=self.validation.sampling,
+            prompts=self.validation.prompts,
+        )
+
     # -- training ---------------------------------------------------------------------------------
     def context(self, captions: Sequence[str]) -> torch.Tensor:
-        """Cross-attention context for the captions (kept in the text cache, if on)."""
-        text_encoder, width = self.text_encoder, self.net.config.cross_attention_dim
-        if text_encoder is None:
-            return text_context(None, list(captions), width, self.device).to(self.net.dtype)
-        hidden_states = self.text_cache.lookup(
-            captions,
-            lambda indices: text_context(
-                text_encoder, [captions[i] for i in indices], width, self.device
-            ),
-        )
-        return hidden_states.to(self.net.dtype)
-
-    def encode(
-        self, images: torch.Tensor, keys: Sequence[str] | None, generator: torch.Generator
-    ) -> torch.Tensor:
-        """x0 for a training batch: sampled, scaled latents (the Gaussians kept by sample key in
-        the latent cache, if on), or the images themselves in pixel space."""
-        vae = self.vae
-        if vae is None:
-            return images
-        if keys is None:
-            return encode_images(vae, images, generator)
-        distribution = self.latent_cache.lookup(
-            keys, lambda indices: latent_distribution(vae, images[indices])
-        )
-        return sample_latents(vae, distribution, generator)
+        width = self.net.config.cross_attention_dim
+        return self.conditioning.context(captions, width, self.device).to(self.net.dtype)
 
     def predictor(self, context: torch.Tensor) -> Callable:
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_t = to_channels_last(x_t.to(self.net.dtype), self.channels_last)
+            x_t = self.perf.input(x_t.to(self.net.dtype))
             return self.net(x_t, t, encoder_hidden_states=context).sample
 
         return predict
@@ -257,83 +209,33 @@ class UnetStage(StageModule):
             self._flops[shapes] = unet_training_flops(dict(self.net.config), *shapes)
         return self._flops.get(shapes)
 
-    def batch_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """x0 of a training batch: from the images, or sampled from cached latent moments (the
-        same draw from the generator, so the same x0 as encoding the images here)."""
-        if "latent" not in batch:
-            return self.encode(batch["image"], batch.get("key"), generator)
-        vae = self.vae
-        if vae is None:
-            raise UserError(
-                "the training shards hold cached latents but stage.vae=null (pixel space): point "
-                "data.train_urls at image shards, or set stage.vae to the VAE of the cache"
-            )
-        moments = batch["latent"].to(self.device, torch.float32)
-        channels, height, width = self.latent_shape
-        if tuple(moments.shape[1:]) != (2 * channels, height, width):
-            raise UserError(
-                f"cached latent moments are {tuple(moments.shape[1:])}, this VAE and "
-                f"data.image_size give {(2 * channels, height, width)}: cache again with the same "
-                "stage.vae and data.image_size (python -m ldm_train.cache_latents)"
-            )
-        return sample_latents(vae, moments_to_distribution(moments), generator)
-
-    def batch_context(self, batch: dict, captions: list[str], dropped: list[bool]) -> torch.Tensor:
-        """Cross-attention context of a training batch: the text encoder on the captions (dropped
-        ones as ""), or the cached hidden states with the dropped rows replaced by ""'s."""
-        if "text" not in batch or self._text_encoder.module is None:
-            return self.context(["" if d else c for c, d in zip(captions, dropped, strict=True)])
-        hidden_states = batch["text"].to(self.device, torch.float32)
-        width = self.net.config.cross_attention_dim
-        if hidden_states.shape[-1] != width:
-            raise UserError(
-                f"cached text hidden states are {hidden_states.shape[-1]} wide, the U-Net attends "
-                f"to {width}: cache again with the same stage.text_encoder and stage.text_layer"
-            )
-        if any(dropped):
-            if self._empty_context is None or self._empty_context.device != self.device:
-                self._empty_context = self.context([""])[0].float()  # frozen encoder: computed once
-            mask = torch.tensor(dropped, device=self.device)[:, None, None]
-            hidden_states = torch.where(mask, self._empty_context, hidden_states)
-        return hidden_states.to(self.net.dtype)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = step_generator(
             self.device, self.seed, self.global_rank, self.global_step, batch_idx
         )
-        captions = list(batch["caption"])
-        dropped = [False] * len(captions)
-        if self._text_encoder.module is not None and self.caption_dropout > 0:
-            drop = torch.rand(len(captions), generator=generator, device=self.device)
-            dropped = [d < self.caption_dropout for d in drop.tolist()]
+        dropped = self.conditioning.dropped(len(batch["caption"]), generator, self.device)
         with torch.no_grad():
-            x0 = self.batch_latents(batch, generator)
-            context = self.batch_context(batch, captions, dropped)
+            x0 = self.latents.batch_latents(batch, generator, self.device)
+            width = self.net.config.cross_attention_dim
+            context = self.conditioning.batch_context(batch, dropped, width, self.device)
+            context = context.to(self.net.dtype)
         self._batch_shapes = (tuple(x0.shape), tuple(context.shape))
         steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (len(x0),), generator=generator, device=self.device)
-        noise = sample_noise(x0.shape, generator, self.device, self.offset_noise)
-        losses = diffusion_loss(
-            self.predictor(context),
-            self.noise_scheduler,
-            x0,
-            t,
-            noise,
-            self.snr_gamma,
-        )
+        t, noise = self.loss.draw(x0, steps, generator)
+        losses = self.loss(self.predictor(context), self.noise_scheduler, x0, t, noise)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=True, batch_size=len(x0))
         return sum(losses.values())
 
     # -- validation: loss at fixed timesteps and noise, then a grid of samples --------------------
     def fixed_timesteps(self) -> list[int]:
-        """val_timesteps evenly spaced timesteps (bin centres of the training range)."""
-        steps = self.noise_scheduler.config.num_train_timesteps
-        return [int((i + 0.5) * steps / self.val_timesteps) for i in range(self.val_timesteps)]
+        """validation.timesteps evenly spaced timesteps (bin centres of the training range)."""
+        steps, count = self.noise_scheduler.config.num_train_timesteps, self.validation.timesteps
+        return [int((i + 0.5) * steps / count) for i in range(count)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = step_generator(self.device, self.seed, 7_777_777, batch_idx)  # same every run
-        x0 = encode_images(self.vae, batch["image"], generator)
+        generator = step_generator(self.device, self.seed, VALIDATION_SEED, batch_idx)
+        x0 = encode_images(self.latents.vae(self.device), batch["image"], generator)
         predict = self.predictor(self.context(batch["caption"]))
         noise = sample_noise(x0.shape, generator, self.device)  # no offset: comparable across runs
         for metric, step in zip(self.val_loss_at, self.fixed_timesteps(), strict=True):
@@ -346,70 +248,21 @@ class UnetStage(StageModule):
             self.log(f"val/mse_t{step:04d}", metric, batch_size=len(x0))
 
     def on_validation_epoch_end(self) -> None:
-        trainer = self.trainer
-        wanted = bool(self.prompts) and self.samples_per_prompt > 0
-        if wanted and trainer.is_global_zero and not trainer.sanity_checking:  # rank 0 samples
-            log_image(trainer, "samples", self.sample_grid())
-
-    def sample_grid(self) -> torch.Tensor:
-        """One row per prompt, samples_per_prompt columns; the EMA weights during validation."""
-        images = self.generate(self.prompts, self.samples_per_prompt, self.sampling)
-        rows = images.view(len(self.prompts), self.samples_per_prompt, *images.shape[1:])
-        return image_grid(list(rows), max_columns=self.samples_per_prompt)
-
-    def generate(
-        self, prompts: Sequence[str], n: int, options: SamplingOptions | None = None
-    ) -> torch.Tensor:
-        """n images per prompt (prompt-major), image j from seed options.seed + j."""
-        options = options or self.sampling
-        repeated, seeds = per_prompt(prompts, n, options.seed)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            return sample(
-                self.net,
-                dict(self.noise_scheduler.config),
-                repeated,
-                seeds,
-                self.latent_shape,
-                options,
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-            )
-        finally:
-            self.net.train(was_training)
+        trainer, prompts, n = (
+            self.trainer,
+            self.validation.prompts,
+            self.validation.samples_per_prompt,
+        )
+        if prompts and n > 0 and trainer.is_global_zero and not trainer.sanity_checking:
+            images = self.pipeline().generate(prompts, n)  # the EMA weights during validation
+            rows = images.view(len(prompts), n, *images.shape[1:])
+            log_image(trainer, "samples", image_grid(list(rows), max_columns=n))
 
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
-    def export(self, out_dir: Path) -> Path:
-        """unet/ (the weights this module holds: the EMA after training), scheduler/, vae/ and
-        text_encoder/ copies, and ldm_train_pipeline.json (what generate needs besides)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.net.save_pretrained(out_dir / "unet")
-        self.noise_scheduler.save_pretrained(out_dir / "scheduler")
-        vae, text_encoder = self._vae.module, self._text_encoder.module
-        if vae is not None:
-            vae.save_pretrained(out_dir / "vae")
-        if text_encoder is not None:
-            source = getattr(text_encoder, "source_dir", None)
-            if source is None:
-                raise UserError(
-                    "the text encoder has no source_dir (its CLIP export folder) to copy"
-                )
-            shutil.copytree(source, out_dir / "text_encoder", dirs_exist_ok=True)
-        index = {
-            "unet": "unet",
-            "scheduler": "scheduler",
-            "vae": "vae" if vae is not None else None,
-            "text_encoder": "text_encoder" if text_encoder is not None else None,
-            "text_layer": self.text_layer,
-            "image_size": self.image_size,
-            "sampling": dataclasses.asdict(self.sampling),
-            "prompts": self.prompts,
-        }
-        (out_dir / PIPELINE_FILE).write_text(json.dumps(index, indent=2))
-        log.info("exported the U-Net pipeline to %s", out_dir)
-        return out_dir
+    def export(self, out_dir):
+        """The pipeline folder (ldm_train.exports.pipeline), with the weights this module holds:
+        the EMA's after training."""
+        return self.pipeline().save(out_dir)
 
 
 def unet_factory(**preset: Any) -> UnetFactory:

@@ -35,7 +35,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.config import UserError
 from ldm_train.losses.autoencoder import AutoencoderLoss
-from ldm_train.perf import Attention, apply_switches, to_channels_last
+from ldm_train.perf import Perf
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,14 @@ class VaeStage(StageModule):
         net: AutoencoderKL,
         loss: AutoencoderLoss,
         optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
         disc_optimizer: OptimizerFactory | None = None,
         disc_scheduler: SchedulerFactory | None = None,
         grid_images: int = 8,
         posterior_logvar_init: float | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        gradient_checkpointing: bool = False,
-        attention: Attention | None = None,
+        perf: Perf | None = None,
     ):
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, lr_scheduler, perf)
         if loss.discriminator is not None and disc_optimizer is None:
             raise UserError(
                 "the discriminator is on (stage.module.loss.disc_weight > 0) but "
@@ -68,15 +64,7 @@ class VaeStage(StageModule):
             )
         if posterior_logvar_init is not None:
             init_posterior_logvar(net, posterior_logvar_init)
-        self.net = apply_switches(  # speed switches (ldm_train.perf)
-            net,
-            channels_last=channels_last,
-            compile=compile,
-            compile_backend=compile_backend,
-            gradient_checkpointing=gradient_checkpointing,
-            attention=attention,
-        )
-        self.channels_last = channels_last
+        self.net = self.perf.apply(net)
         self.loss = loss
         self.disc_optimizer_factory = disc_optimizer
         self.disc_scheduler_factory = disc_scheduler
@@ -131,7 +119,7 @@ class VaeStage(StageModule):
             )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        images = to_channels_last(batch["image"], self.channels_last)
+        images = self.perf.input(batch["image"])
         step = self.global_step
         if self.automatic_optimization:
             posterior = self.net.encode(images).latent_dist
@@ -189,7 +177,7 @@ class VaeStage(StageModule):
         self._grid_rows = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = to_channels_last(batch["image"], self.channels_last)
+        images = self.perf.input(batch["image"])
         size = images.shape[0]
         posterior = self.net.encode(images).latent_dist
         reconstruction = self.net.decode(posterior.mode()).sample

@@ -1,0 +1,104 @@
+"""The U-Net's latent encoding: images -> x0, what the U-Net denoises.
+
+One part of the U-Net stage: the frozen VAE's sampled, scaled latents (the encoder's Gaussians kept
+by sample key in a cache, or read from latent-cache shards), or, without a VAE, the images
+themselves (pixel space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import AutoencoderKL
+
+from ldm_train.config import UserError
+from ldm_train.diffusion.upstream import (
+    Frozen,
+    KeyedCache,
+    encode_images,
+    latent_distribution,
+    moments_to_distribution,
+    sample_latents,
+    vae_scale_factor,
+)
+
+
+class LatentEncoder:
+    """Frozen, so shared rather than copied (deepcopy returns it), like Conditioning."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL | None = None,
+        image_size: int = 32,
+        image_channels: int = 3,
+        cache_size: int = 0,
+    ):
+        """cache_size: training images whose latent Gaussians are kept, by sample key; only with
+        deterministic image transforms (no random flip or crop). 0 keeps none."""
+        self.factor = vae_scale_factor(vae)
+        if image_size % self.factor:
+            raise UserError(
+                f"data.image_size={image_size} is not a multiple of the VAE's downsampling "
+                f"({self.factor})"
+            )
+        self._vae = Frozen(vae)
+        self.cache = KeyedCache(cache_size)
+        self.image_size = image_size
+        channels = vae.config.latent_channels if vae is not None else image_channels
+        side = image_size // self.factor
+        self.shape = (channels, side, side)  # of one x0
+
+    def __deepcopy__(self, memo: dict) -> LatentEncoder:
+        return self
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def side(self) -> int:
+        return self.shape[-1]
+
+    def vae(self, device: torch.device) -> AutoencoderKL | None:
+        """The frozen VAE, moved to `device` if needed; None in pixel space."""
+        return self._vae.on(device)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        keys: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """x0 of images: sampled, scaled latents (the Gaussians kept by sample key in the cache,
+        if keys are given and the cache is on), or the images themselves in pixel space."""
+        vae = self.vae(images.device)
+        if vae is None or keys is None:
+            return encode_images(vae, images, generator)
+        distribution = self.cache.lookup(
+            keys, lambda indices: latent_distribution(vae, images[indices])
+        )
+        return sample_latents(vae, distribution, generator)
+
+    def batch_latents(
+        self, batch: dict, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        """x0 of a training batch: from its images, or sampled from the latent moments a cache
+        shard holds (the same draw from the generator, so the same x0 as encoding the images)."""
+        if "latent" not in batch:
+            return self.encode(batch["image"], generator, batch.get("key"))
+        vae = self.vae(device)
+        if vae is None:
+            raise UserError(
+                "the training shards hold cached latents but stage.vae=null (pixel space): point "
+                "data.train_urls at image shards, or set stage.vae to the VAE of the cache"
+            )
+        moments = batch["latent"].to(device, torch.float32)
+        channels, height, width = self.shape
+        if tuple(moments.shape[1:]) != (2 * channels, height, width):
+            raise UserError(
+                f"cached latent moments are {tuple(moments.shape[1:])}, this VAE and "
+                f"data.image_size give {(2 * channels, height, width)}: cache again with the same "
+                "stage.vae and data.image_size (python -m ldm_train.cache_latents)"
+            )
+        return sample_latents(vae, moments_to_distribution(moments), generator)
