@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import open_clip
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from ldm_train.config import compose_config
@@ -55,3 +58,26 @@ def make_cfg(tmp_path: Path, tiny_shards) -> Callable[..., DictConfig]:
         return compose_config([*base, *overrides, *extra])
 
     return compose
+
+
+# A tiny open_clip CLIP card: text width 32, 3 layers, 24 tokens (vocabulary: open_clip's BPE).
+TINY_CLIP_CARD = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+}
+
+
+@pytest.fixture
+def make_open_clip() -> Callable[..., tuple[open_clip.CLIP, dict]]:
+    """make(quick_gelu=False, **text_cfg) -> (a random open_clip CLIP in eval mode, its card)."""
+
+    def make(quick_gelu: bool = False, **text_cfg) -> tuple[open_clip.CLIP, dict]:
+        card = copy.deepcopy(TINY_CLIP_CARD)
+        card["text_cfg"].update(text_cfg)
+        if quick_gelu:
+            card["quick_gelu"] = True
+        torch.manual_seed(0)
+        return open_clip.CLIP(**card).eval(), card
+
+    return make
