@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from omegaconf import DictConfig
+from open_clip.model import set_model_preprocess_cfg
 
 from ldm_train.config import compose_config
 from ldm_train.data.shapes import make_shapes_dataset
@@ -68,7 +69,7 @@ TINY_CLIP_CARD = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_open_clip() -> Callable[..., tuple[open_clip.CLIP, dict]]:
     """make(quick_gelu=False, **text_cfg) -> (a random open_clip CLIP in eval mode, its card)."""
 
@@ -78,6 +79,9 @@ def make_open_clip() -> Callable[..., tuple[open_clip.CLIP, dict]]:
         if quick_gelu:
             card["quick_gelu"] = True
         torch.manual_seed(0)
-        return open_clip.CLIP(**card).eval(), card
+        model = open_clip.CLIP(**card).eval()
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        set_model_preprocess_cfg(model, {"size": 32, "mean": mean, "std": std})  # to save it
+        return model, card
 
     return make
