@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm_train.config import UserError
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.exports.clip import save_clip
-from ldm_train.exports.transformers_clip import clip_tokenizer, keep_layers
+from ldm_train.exports.transformers_clip import clip_tokenizer, keep_layers, save_text_encoder
 from ldm_train.text_encoder import (
     TEXT_LAYERS,
     ClipTextEncoder,
@@ -211,3 +211,18 @@ def test_the_config_passes_the_name_and_file_spelling_through(sources, make_cfg)
     assert cfg.stage.module.text_encoder.path == spec  # Hydra reads NAME:/a/file unquoted
     encoder = instantiate(cfg.stage.module.text_encoder)
     assert isinstance(encoder, ClipTextEncoder) and encoder.layer == "penultimate"
+
+
+@pytest.mark.parametrize("layer", TEXT_LAYERS)
+def test_written_text_encoder_loads_in_diffusers_and_encodes_as_ours(sources, tmp_path, layer):
+    encoder = load_text_encoder(sources["specs"]["clip_export"], layer)
+    text_model, tokenizer = encoder.to_transformers()
+    sources["pipeline"].save_pretrained(tmp_path)
+    save_text_encoder(text_model, tokenizer, tmp_path)  # replaces text_encoder/, tokenizer/
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded = pipeline.text_encoder.state_dict()  # every weight read, none left at random
+    assert loaded.keys() == text_model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in text_model.state_dict().items())
+    with torch.no_grad():
+        got = pipeline.encode_prompt(CAPTIONS, "cpu", 1, False)[0]
+    torch.testing.assert_close(got, encoder(CAPTIONS)[0], atol=1e-5, rtol=0)
