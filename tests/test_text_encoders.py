@@ -1,5 +1,5 @@
-"""stage.text_encoder from existing weights: each kind of folder or file loads as a frozen text encoder
-with one surface, encodes as its own library does (open_clip; diffusers' StableDiffusionPipeline),
+"""stage.text_encoder from existing weights: each kind of folder or file loads as a frozen text
+encoder with one surface, encodes as its own library does (open_clip; diffusers' StableDiffusionPipeline),
 takes "" and leaves as a transformers CLIPTextModel + CLIPTokenizer; anything else is one line."""
 
 from __future__ import annotations

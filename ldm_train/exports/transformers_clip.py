@@ -63,13 +63,13 @@ def transformer(text_model: CLIPTextModel) -> torch.nn.Module:
 
 
 def check_convertible(model: open_clip.CLIP, blocks: list[torch.nn.Module]) -> None:
-    """CLIPTextModel is a plain pre-norm causal transformer: refuse the open_clip options it lacks."""
-    sot_eot = clip_special_ids()
+    """CLIPTextModel is a plain pre-norm causal transformer: refuse open_clip options it lacks."""
+    eot = clip_special_ids()[1]
     problem = None
     if model.attn_mask is None:
         problem = "no causal mask (text_cfg.no_causal_mask)"
     elif model.text_pool_type not in ("argmax", "eos") or (
-        model.text_pool_type == "eos" and model.text_eos_id != sot_eot[1]
+        model.text_pool_type == "eos" and model.text_eos_id != eot
     ):
         problem = f"pooling {model.text_pool_type!r} (CLIPTextModel pools the end token)"
     elif any(type(block) is not ResidualAttentionBlock for block in blocks):
