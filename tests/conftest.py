@@ -3,6 +3,7 @@ tiny random upstream exports (VAE, CLIP) for stage=unet, and the runner of the r
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -109,17 +110,32 @@ TINY_CLIP_CARD = {
 }
 
 
-def write_tiny_clip(path: Path) -> Path:
-    """A random open_clip CLIP in the layout stage=clip exports (text width 32)."""
+def tiny_open_clip(quick_gelu: bool = False, **text_cfg) -> tuple[open_clip.CLIP, dict]:
+    """(a random open_clip CLIP in eval mode, its card): TINY_CLIP_CARD with text_cfg on top."""
+    card = copy.deepcopy(TINY_CLIP_CARD)
+    card["text_cfg"].update(text_cfg)
+    if quick_gelu:
+        card["quick_gelu"] = True
     torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_CLIP_CARD)
-    preprocess = {
-        "size": 32,
-        "mean": open_clip.OPENAI_DATASET_MEAN,
-        "std": open_clip.OPENAI_DATASET_STD,
-    }
-    set_model_preprocess_cfg(model, preprocess)
-    return save_clip(model, TINY_CLIP_CARD, path, "tiny-clip")
+    model = open_clip.CLIP(**card).eval()
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    set_model_preprocess_cfg(model, {"size": 32, "mean": mean, "std": std})  # to save it
+    return model, card
+
+
+def write_tiny_clip(path: Path) -> Path:
+    """A random open_clip CLIP in the layout stage=clip exports (text width 32, 2 layers)."""
+    model, card = tiny_open_clip()
+    return save_clip(model, card, path, "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def make_open_clip() -> Callable[..., tuple[open_clip.CLIP, dict]]:
+    """make(quick_gelu=False, **text_cfg) -> (a random open_clip CLIP in eval mode, its card);
+    3 text layers unless told, so that the penultimate layer is not the first."""
+    return lambda quick_gelu=False, **text_cfg: tiny_open_clip(
+        quick_gelu, **{"layers": 3, **text_cfg}
+    )
 
 
 @pytest.fixture(scope="session")
