@@ -32,12 +32,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ldm_train.clip_eval import parse_zero_shot
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.upstream import vae_scale_factor
 from ldm_train.export import export_checkpoint, find_checkpoint
-from ldm_train.exports.clip import is_clip_folder, load_clip
+from ldm_train.exports.clip import is_clip_folder
 from ldm_train.generate import Pipeline, load_pipeline, read_prompts, save_images
 from ldm_train.metrics.features import FEATURE_KINDS
 from ldm_train.metrics.reference import (
@@ -46,7 +45,7 @@ from ldm_train.metrics.reference import (
     loader_options,
     read_validation,
 )
-from ldm_train.metrics.sample import SampleMetrics
+from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
 from ldm_train.stages.unet import PIPELINE_FILE
 
 log = logging.getLogger("ldm_train.evaluate")
@@ -151,13 +150,15 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
     pipeline = load_pipeline(export_dir, args.device)
     data, validation, prompts, labels = read_inputs(args, cfg, pipeline)
     clip_dir = clip_folder(args.clip, export_dir)
-    clip = load_clip(clip_dir, args.device) if clip_dir is not None else None
-    tasks = parse_zero_shot(data.get("zero_shot")) if any(labels) and clip else {}
     features = args.features if validation is not None else None
     if features is None:
         log.info("no validation images (data.val_urls or --val-urls): no FD or KID")
-    metrics = SampleMetrics(
-        clip, features, args.inception_weights, tasks=tasks, batch_size=args.batch_size
+    metrics = build_sample_metrics(
+        clip_dir,
+        features,
+        args.inception_weights,
+        zero_shot=data.get("zero_shot") if any(labels) else None,
+        batch_size=args.batch_size,
     ).to(args.device)
     reference = validation.images[: args.max_reference] if validation is not None else []
     if len(reference):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,7 +32,8 @@ from ldm_train.evaluate import main
 from ldm_train.exports.clip import load_clip, save_clip
 from ldm_train.metrics.features import ClipImageFeatures, InceptionFeatures, to_uint8
 from ldm_train.metrics.reference import choose_prompts, loader_options, read_validation
-from ldm_train.metrics.sample import SampleMetrics, rank_share
+from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
+from ldm_train.metrics.share import generate_share, rank_share
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_TASKS = parse_zero_shot(compose_config([]).data.zero_shot)
@@ -200,6 +202,46 @@ def test_rank_share_gives_every_rank_the_same_count_and_each_item_once():
         assert sorted(own) == list(range(n))
 
 
+def test_ranks_generate_together_what_one_process_generates():
+    prompts = ["a red circle", "a blue cross", "a green square"]
+    labels = [{"shape": "circle"}, {"shape": "cross"}, {"shape": "square"}]
+    calls = []
+
+    def sample_fn(batch_prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Image i is a function of its prompt and seed only, as with the real sampler."""
+        calls.append(len(seeds))
+        codes = [100 * prompts.index(p) + s for p, s in zip(batch_prompts, seeds, strict=True)]
+        return torch.tensor(codes, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+
+    def made(world: int) -> dict[float, tuple[str, dict]]:
+        found = {}
+        for rank in range(world):
+            images, own_prompts, own_labels = generate_share(
+                sample_fn, prompts, labels, 2, 7, rank, world
+            )
+            for image, prompt, label in zip(images, own_prompts, own_labels, strict=True):
+                assert float(image[0, 0, 0]) not in found  # no image twice
+                found[float(image[0, 0, 0])] = (prompt, label)
+        return found
+
+    alone = made(1)
+    assert len(alone) == 6 and alone[100 + 8] == ("a blue cross", {"shape": "cross"})
+    calls.clear()
+    assert made(4) == alone
+    assert calls == [2, 2, 2, 2]  # padded: every rank samples as many images
+
+
+def test_build_sample_metrics_from_paths_and_config(clip_dir, val_set):
+    zero_shot = compose_config([]).data.zero_shot
+    metrics = build_sample_metrics(str(clip_dir), "clip", zero_shot=zero_shot, batch_size=16)
+    assert set(metrics.tasks) == {"shape", "colour"} and metrics.batch_size == 16
+    assert build_sample_metrics(None, None, zero_shot=zero_shot).tasks == {}  # no CLIP: no tasks
+    with pytest.raises(UserError, match="CLIP features need a CLIP folder"):
+        build_sample_metrics(None, "clip")
+    with pytest.raises(UserError, match="features='fid' is not valid"):
+        build_sample_metrics(str(clip_dir), "fid")
+
+
 def ddp_worker(rank: int, rendezvous: str, clip_dir: Path, data: dict, out: Path) -> None:
     """Rank 0 gets the first 20 reference images and every generated one, rank 1 the last 12
     reference images and none: the ranks update a different number of times."""
@@ -284,6 +326,14 @@ def test_inception_fd_equals_torchmetrics_fid_on_8_bit_images(inception_weights,
 
 class Payload:
     """Anything a pickle may carry besides tensors (here harmless; it could run code on load)."""
+
+
+def test_inception_weights_load_from_safetensors_too(inception_weights, val_set, tmp_path):
+    state = torch.load(inception_weights, weights_only=True)
+    safetensors.torch.save_file(state, tmp_path / "inception.safetensors")
+    images = val_set.images[:2]
+    from_pth = InceptionFeatures(inception_weights, layer=64)(images)
+    assert torch.equal(InceptionFeatures(tmp_path / "inception.safetensors", 64)(images), from_pth)
 
 
 def test_inception_weights_load_without_unpickling_code(tmp_path, monkeypatch):

@@ -31,16 +31,30 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from ldm_train.clip_eval import IGNORE_LABEL, ZeroShotTask
+from ldm_train.clip_eval import IGNORE_LABEL, ZeroShotTask, parse_zero_shot
 from ldm_train.config import UserError
 from ldm_train.diffusion.upstream import Frozen
-from ldm_train.exports.clip import LoadedClip
+from ldm_train.exports.clip import LoadedClip, load_clip
 from ldm_train.metrics.distance import FeatureFD, FeatureKID
 from ldm_train.metrics.features import ClipImageFeatures, FeatureKind, build_extractor
 
 # Metric names per feature kind: nobody mistakes a CLIP-feature FD for the FID papers quote.
 FD_NAMES = {"clip": "fd_clip", "inception": "fid_inception"}
 KID_NAMES = {"clip": "kid_clip", "inception": "kid_inception"}
+
+
+def build_sample_metrics(
+    clip: str | Path | None,
+    features: FeatureKind | None = "clip",
+    inception_weights: str | Path | None = None,
+    zero_shot: Mapping | None = None,
+    **options,
+) -> SampleMetrics:
+    """SampleMetrics from paths and config (a Hydra `_target_` for the stages): the CLIP folder
+    (None: no clip_score, accuracy or "clip" features) and data.zero_shot (None: no accuracy)."""
+    loaded = load_clip(clip) if clip is not None else None
+    tasks = parse_zero_shot(zero_shot) if loaded is not None else {}
+    return SampleMetrics(loaded, features, inception_weights, tasks=tasks, **options)
 
 
 class SampleMetrics(Metric):
@@ -72,9 +86,9 @@ class SampleMetrics(Metric):
         self._clip = Frozen(clip.model if clip is not None else None)
         self._clip_images = Frozen(ClipImageFeatures(clip) if clip is not None else None)
         self._extractor = Frozen(None)
-        if features == "clip":
+        if features == "clip" and clip is not None:
             self._extractor = self._clip_images  # one forward for the score and the distances
-        elif features is not None:
+        elif features is not None:  # (a one-line error for "clip" without a CLIP, or a bad kind)
             self._extractor = Frozen(
                 build_extractor(features, clip, inception_weights, inception_layer)
             )
@@ -199,14 +213,3 @@ class SampleMetrics(Metric):
         if self.fd is not None:
             self.fd.reset()
             self.kid.reset()
-
-
-def rank_share(n_items: int, rank: int, world_size: int) -> tuple[list[int], int]:
-    """Which of n items (e.g. the (prompt, seed) pairs of a validation) this rank generates: every
-    world_size-th from its rank, padded with repeats to the same count on every rank (under FSDP
-    each forward pass is collective: a rank with fewer batches would hang the others). Returns the
-    indices and how many of them are this rank's own (the rest are padding, left out of metrics)."""
-    per_rank = -(-n_items // world_size)
-    mine = list(range(rank, n_items, world_size))
-    filler = mine[:1] or [0]
-    return mine + filler * (per_rank - len(mine)), len(mine)
