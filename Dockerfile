@@ -9,7 +9,7 @@ WORKDIR /opt/ldm_train
 COPY pyproject.toml setup.py README.md ./
 COPY conf conf
 COPY ldm_train ldm_train
-RUN pip install .
+RUN pip install '.[metrics]'
 
 # Runs write data/ and outputs/ under the working directory: mount them.
 WORKDIR /workspace

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ldm_train.clip_eval import IGNORE_LABEL, ZeroShotTask
+from ldm_train.clip_eval import ZeroShotTask
 from ldm_train.exports.clip import load_clip
+from ldm_train.metrics.sample import SampleMetrics
 
 
 @torch.no_grad()
@@ -22,30 +23,8 @@ def prompt_accuracy(
 ) -> dict[str, float]:
     """images: N x 3 x H x W in [-1, 1]; labels[i]: what image i should show (e.g. {"shape":
     "circle", "colour": "red"}). Returns per task the share classified as asked ("<task>_acc"),
-    and "accuracy": the share of images right in every task their prompt names."""
-    clip = load_clip(clip_dir)
-    model, tokenizer = clip.model, clip.tokenizer
-    mean_t = torch.tensor(clip.mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(clip.std).view(1, 3, 1, 1)
-    features = torch.cat(
-        [
-            model.encode_image((((batch + 1) / 2) - mean_t) / std_t, normalize=True)
-            for batch in images.float().split(batch_size)
-        ]
-    )
-    correct = torch.ones(len(images), dtype=torch.bool)
-    labelled = torch.zeros(len(images), dtype=torch.bool)
-    results: dict[str, float] = {}
-    for name, task in tasks.items():
-        target = task.labels(labels)
-        known = target != IGNORE_LABEL
-        if not known.any():
-            continue
-        predicted = (features @ task.classifier(model, tokenizer, "cpu")).argmax(dim=1)
-        right = predicted == target
-        results[f"{name}_acc"] = right[known].float().mean().item()
-        correct &= right | ~known
-        labelled |= known
-    if labelled.any():
-        results["accuracy"] = correct[labelled].float().mean().item()
-    return results
+    and "accuracy": the share of images right in every task their prompt names (SampleMetrics'
+    zero-shot accuracy, without its distances)."""
+    metrics = SampleMetrics(load_clip(clip_dir), features=None, tasks=tasks, batch_size=batch_size)
+    metrics.update(images, labels=labels)
+    return {name: float(value) for name, value in metrics.compute().items()}
