@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions
-from ldm_train.diffusion.upstream import vae_scale_factor
 from ldm_train.export import export_checkpoint, find_checkpoint
 from ldm_train.exports.clip import is_clip_folder
-from ldm_train.generate import Pipeline, load_pipeline, read_prompts, save_images
+from ldm_train.exports.pipeline import INDEX, Pipeline
+from ldm_train.generate import read_prompts, save_images
 from ldm_train.metrics.features import FEATURE_KINDS
 from ldm_train.metrics.reference import (
     ValidationSet,
@@ -46,23 +46,23 @@ from ldm_train.metrics.reference import (
     read_validation,
 )
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
-from ldm_train.stages.unet import PIPELINE_FILE
+from ldm_train.rundir import RunDir
 
 log = logging.getLogger("ldm_train.evaluate")
 
 
 def open_target(target: Path, scratch: Path) -> tuple[Path, DictConfig]:
     """(export folder, the run's config or an empty one) for an export, run dir or checkpoint."""
-    if (target / PIPELINE_FILE).is_file():
-        config = target.parent / "config.yaml"
+    if (target / INDEX).is_file():
+        config = RunDir(target.parent).config  # an export in its run directory
         return target, OmegaConf.load(config) if config.is_file() else OmegaConf.create({})
-    if target.is_dir() and not (target / "checkpoints").is_dir():
+    if target.is_dir() and not RunDir(target).checkpoints.is_dir():
         raise UserError(
-            f"{target} is neither a unet export (no {PIPELINE_FILE}) nor a run directory (no "
+            f"{target} is neither a unet export (no {INDEX}) nor a run directory (no "
             "checkpoints/): pass outputs/<experiment>/unet/export, the run dir or a .ckpt file"
         )
     checkpoint = find_checkpoint(target)
-    config_file = checkpoint.parent.parent / "config.yaml"
+    config_file = RunDir.of_checkpoint(checkpoint).config
     cfg = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create({})
     stage = OmegaConf.select(cfg, "stage.name")
     if stage is not None and stage != "unet":
@@ -126,8 +126,7 @@ def read_inputs(
     data = OmegaConf.to_container(cfg.get("data") or OmegaConf.create({}), resolve=True)
     validation = None
     if data.get("val_urls"):
-        image_size = pipeline.latent_shape[-1] * vae_scale_factor(pipeline.vae)
-        loader = loader_options(data, image_size, args.batch_size)
+        loader = loader_options(data, pipeline.image_size, args.batch_size)
         limit = max(args.max_reference, args.max_prompts)
         validation = read_validation(data["val_urls"], loader, limit)
     if args.prompts_file:
@@ -147,7 +146,7 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
     """Generate, measure, save the images; returns metrics.json's content."""
     export_dir, cfg = open_target(Path(args.target), scratch)
     cfg = apply_overrides(cfg, args.overrides, args.val_urls)
-    pipeline = load_pipeline(export_dir, args.device)
+    pipeline = Pipeline.load(export_dir, args.device)
     data, validation, prompts, labels = read_inputs(args, cfg, pipeline)
     clip_dir = clip_folder(args.clip, export_dir)
     features = args.features if validation is not None else None

@@ -164,6 +164,26 @@ def unet_cfg(make_cfg, unet_overrides) -> Callable[..., DictConfig]:
     return compose
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
+    """(the stage, its export folder): a U-Net trained for 2 steps on the tiny VAE and CLIP, by
+    train(), in its run directory (outputs/shapes/unet)."""
+    from ldm_train.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_config(
+        [
+            *tiny_overrides(tmp / "outputs"),
+            *unet_overrides,
+            "logger=none",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=1",
+        ]
+    )
+    _, objects = train(cfg)
+    return objects["module"], objects["export_dir"]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """A CLI subprocess's environment: no W&B settings or credentials in it, no LDM_TRAIN_*, one
     torch thread, and this checkout (plus tests/, for test callbacks named by _target_) first on

@@ -15,24 +15,6 @@ from ldm_train.config import compose_config
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.exports.pipeline import Pipeline
 from ldm_train.generate import main
-from ldm_train.train import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_overrides, unet_overrides):
-    """A U-Net trained for 2 steps on the tiny VAE and CLIP, and its export."""
-    tmp = tmp_path_factory.mktemp("generate")
-    cfg = compose_config(
-        [
-            *tiny_overrides(tmp / "outputs"),
-            *unet_overrides,
-            "logger=none",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=1",
-        ]
-    )
-    _, objects = train(cfg)
-    return objects["module"], objects["export_dir"]
 
 
 def test_export_is_self_contained_and_matches_the_trained_module(trained, tmp_path):

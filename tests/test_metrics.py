@@ -7,9 +7,6 @@ evaluate command writes metrics.json for a tiny export or checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -20,8 +17,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from open_clip.model import set_model_preprocess_cfg
-from test_generate import trained  # noqa: F401 (fixtures; tests/ is on sys.path)
-from test_unet import upstream, write_tiny_clip  # noqa: F401
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -35,13 +30,12 @@ from ldm_train.metrics.reference import choose_prompts, loader_options, read_val
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
 from ldm_train.metrics.share import generate_share, rank_share
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPE_TASKS = parse_zero_shot(compose_config([]).data.zero_shot)
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return write_tiny_clip(tmp_path_factory.mktemp("metrics") / "clip")
+def clip_dir(upstream) -> Path:
+    return upstream["clip"]
 
 
 @pytest.fixture(scope="module")
@@ -349,20 +343,11 @@ def test_inception_weights_load_without_unpickling_code(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_writes_metrics_json_for_an_export(trained, tmp_path):  # noqa: F811
+def test_evaluate_cli_writes_metrics_json_for_an_export(trained, tmp_path, run_cli):
     export = trained[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     out = tmp_path / "eval"
     args = [str(export), "--n", "2", "--steps", "2", "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, "-m", "ldm_train.evaluate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["-m", "ldm_train.evaluate", *args], tmp_path, timeout=600)
     assert "generating: 100%" in result.stderr  # the progress bar
     metrics = json.loads((out / "metrics.json").read_text())
     # The run's config (beside the export): its 8 labelled data.prompts, val shards, zero_shot.
@@ -374,7 +359,7 @@ def test_evaluate_cli_writes_metrics_json_for_an_export(trained, tmp_path):  # n
 
 
 @pytest.mark.slow
-def test_evaluate_takes_a_checkpoint_and_val_captions_as_prompts(trained, tmp_path):  # noqa: F811
+def test_evaluate_takes_a_checkpoint_and_val_captions_as_prompts(trained, tmp_path):
     run_dir = trained[1].parent
     out = tmp_path / "eval"
     args = [str(run_dir), "data.prompts=null", "--max-prompts", "3", "--n", "1", "--steps", "2"]
@@ -387,7 +372,7 @@ def test_evaluate_takes_a_checkpoint_and_val_captions_as_prompts(trained, tmp_pa
     assert [image["prompt"] for image in images] == first.captions
 
 
-def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):  # noqa: F811
+def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
     export = str(trained[1])
     for args, expected in [
         ([str(tmp_path)], "neither a unet export"),
