@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -150,10 +151,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = RunDir(cfg.paths.run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
-    OmegaConf.save(cfg, run.config, resolve=True)
+    # Rank 0 holds the run directory (the processes a launcher starts for other ranks join it).
+    with run.lock() if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
+        if ckpt_path is not None:
+            run.check_same_run(cfg, cfg.resume)
+        OmegaConf.save(cfg, run.config, resolve=True)
+        return fit(cfg, run, ckpt_path)
 
+
+def fit(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> tuple[dict, dict]:
+    """Build the data, the stage, the logger and the trainer; fit (from ckpt_path); export."""
     datamodule = WebDataModule.from_config(cfg.data)
     module = build(cfg.stage.module)
     logger = build_logger(cfg, resuming=ckpt_path is not None)
@@ -166,7 +174,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is read without unpickling code (ours hold tensors and values).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # the next stage in this process starts its own W&B run
