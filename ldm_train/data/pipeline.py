@@ -34,9 +34,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
+
+from ldm_train.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,20 @@ LATENT_KEY, LATENT_FLIP_KEY, TEXT_KEY = "latent.npy", "latent_flip.npy", "text.n
 NO_VALID_SAMPLE_LIMIT = 1000
 
 
-class NoValidSamplesError(RuntimeError):
+class LoaderUserError(UserError):
+    """A user's mistake found while reading (bad shards or options), often in a DataLoader worker:
+    torch re-raises it in the main process as the same type with the message "Caught ... in
+    DataLoader worker process N. Original Traceback ... <type>: <message>". The one line that
+    names the problem is kept; the worker's traceback is noise to the user."""
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+class NoValidSamplesError(LoaderUserError):
     """A whole pass over the shards gave no usable sample."""
 
 
@@ -76,13 +91,14 @@ class StreamStats:
     ok: int = 0  # samples decoded into a usable image and caption
     skipped: Counter = field(default_factory=Counter)
     replaying: bool = False  # re-reading what a resumed run already counted
+    quiet: bool = False  # count without warning (a check whose error lists the counts)
     _reported: int = 0
 
     def skip(self, reason: str, where: str, error: BaseException | None = None) -> None:
         if self.replaying:
             return
         self.skipped[reason] += 1
-        if self.skipped[reason] <= MAX_WARNINGS_PER_REASON:
+        if self.skipped[reason] <= MAX_WARNINGS_PER_REASON and not self.quiet:
             detail = f": {type(error).__name__}: {error}" if error is not None else ""
             more = (
                 " (further ones counted, not shown)"
@@ -292,6 +308,16 @@ class ValStream(IterableDataset):
             raise no_valid_samples(self.urls, False, self.stats)
 
 
+def check_has_sample(urls: Sequence[str], cfg: LoaderConfig) -> None:
+    """NoValidSamplesError unless urls hold at least one usable sample (reads up to the first)."""
+    stats = StreamStats(quiet=True)
+    transform = image_transform(cfg, train=False)
+    for sample in read_pass(urls, 0, 1, stats):  # raises itself if no sample could be read
+        if decode_sample(sample, cfg, transform, stats) is not None:
+            return
+    raise no_valid_samples(urls, False, stats)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -369,9 +395,28 @@ def decode_sample(
 
     Decoding by hand rather than with wds.decode: we need one image out of several candidate keys,
     every PIL mode made RGB, and a count per reason for what is skipped. rng (training only) draws
-    the random crop and flip.
+    the random crop and flip. Whatever one sample raises (e.g. RecursionError from a json nested
+    too deep) skips it, counted under the exception's name: bad data is never a crash. A
+    UserError (options that cannot work with these shards) still ends the run.
     """
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    try:
+        return decode_members(sample, cfg, transform, stats, rng, where)
+    except UserError:
+        raise
+    except Exception as error:
+        stats.skip(f"sample raised {type(error).__name__}", where, error)
+        return None
+
+
+def decode_members(
+    sample: dict,
+    cfg: LoaderConfig,
+    transform: ImageTransform,
+    stats: StreamStats,
+    rng: random.Random | None,
+    where: str,
+) -> dict | None:
     image_key = next((k for k in cfg.image_keys if k in sample), None)
     if image_key is None and LATENT_KEY not in sample:
         stats.skip("missing image", where)
@@ -393,6 +438,7 @@ def decode_sample(
     try:
         with Image.open(io.BytesIO(sample[image_key])) as raw:
             raw.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at reduced size
+            ImageOps.exif_transpose(raw, in_place=True)  # phone photos: rotation in EXIF
             image = transform(to_rgb(raw))
     except Exception as error:  # PIL raises many types (incl. DecompressionBombError)
         stats.skip("undecodable image", where, error)
@@ -403,7 +449,7 @@ def decode_sample(
     return {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 
 
-class CacheError(ValueError):
+class CacheError(LoaderUserError):
     """Cached-latent shards that cannot serve this configuration (e.g. flips on, none cached)."""
 
 
