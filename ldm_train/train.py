@@ -21,6 +21,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train import quiet
+from ldm_train.checks import check_values
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
 
@@ -44,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("resume", cfg.resume, RESUME_MODES)
     trainer_keys = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     check_keys("trainer", [k for k in cfg.trainer if k != "_target_"], trainer_keys)
+    check_values(cfg)
 
 
 def wandb_has_credentials() -> bool:
@@ -166,6 +169,7 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
+    quiet.install(cfg)
     if cfg.stage.name == "all":
         # The chain clip -> vae -> unet, each stage's export feeding the next.
         from ldm_train.chain import train_chain
