@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm_train.config import UserError
-from ldm_train.data import pipeline
+from ldm_train.data import samples
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist, expand_urls
 from ldm_train.data.pipeline import LoaderConfig, NoValidSamplesError, build_pipeline, to_rgb
 
@@ -221,14 +221,14 @@ def test_bad_samples_skipped_and_counted(tmp_path, kind):
 @pytest.mark.parametrize("error", [RecursionError, KeyError, ZeroDivisionError, MemoryError])
 def test_any_error_from_one_sample_is_skipped_and_counted_by_name(tmp_path, monkeypatch, error):
     """Whatever decoding one sample raises, the stream goes on; the skip is counted by its name."""
-    read_caption = pipeline.read_caption
+    read_caption = samples.read_caption
 
     def failing(sample, keys, meta):
         if sample["__key__"] == "bad":
             raise error("from one sample")
         return read_caption(sample, keys, meta)
 
-    monkeypatch.setattr(pipeline, "read_caption", failing)
+    monkeypatch.setattr(samples, "read_caption", failing)
     url = write_tar(tmp_path / "a.tar", [good("a-0"), good("bad"), good("a-1")])
     stream = build_pipeline([url], loader_cfg(), train=False)
     (batch,) = stream
@@ -240,11 +240,11 @@ def test_user_error_while_decoding_still_ends_the_run(tmp_path, monkeypatch):
     """A configuration that cannot work (e.g. flips asked of a cache without them) is not skipped."""
 
     def cannot_work(*args, **kwargs):
-        raise pipeline.CacheError("cached with data.random_flip=false")
+        raise samples.CacheError("cached with data.random_flip=false")
 
-    monkeypatch.setattr(pipeline, "decode_members", cannot_work)
+    monkeypatch.setattr(samples, "decode_members", cannot_work)
     url = write_tar(tmp_path / "a.tar", [good("a-0")])
-    with pytest.raises(pipeline.CacheError, match="random_flip"):
+    with pytest.raises(samples.CacheError, match="random_flip"):
         next(iter(build_pipeline([url], loader_cfg(), train=False)))
 
 
