@@ -39,7 +39,7 @@ def is_number(value: Any) -> bool:
 
 
 def check_int(key: str, value: Any, at_least: int, hint: str = "") -> None:
-    if not is_number(value) or value != int(value) or value < at_least:
+    if not is_number(value) or not float(value).is_integer() or value < at_least:
         note = f"; {hint}" if hint else ""
         raise UserError(f"{key}={value!r} must be an integer >= {at_least}{note}")
 
@@ -66,9 +66,13 @@ def vae_factor(cfg: DictConfig) -> tuple[int, str]:
             return downsampling_factor(channels), f"the VAE preset ({cfg.model.get('name')})"
     if stage == "unet" and cfg.stage.get("vae") is not None:
         folder = vae_folder(cfg.stage.vae)
-        if folder is not None:  # a missing VAE is the stage's own one-line error
-            config = json.loads((folder / "config.json").read_text())
-            channels = config.get("block_out_channels")
+        if folder is not None:  # a missing or unreadable VAE is the stage's own error
+            try:
+                channels = json.loads((folder / "config.json").read_text()).get(
+                    "block_out_channels"
+                )
+            except (ValueError, AttributeError):
+                channels = None
             if isinstance(channels, list):
                 return downsampling_factor(channels), f"the VAE at {folder}"
     return 1, ""
@@ -87,7 +91,7 @@ def check_devices(trainer: DictConfig) -> None:
                 "use trainer.accelerator=cpu, or check CUDA_VISIBLE_DEVICES and the driver"
             )
     elif accelerator in ("cpu", "auto"):
-        have, unit = len(os.sched_getaffinity(0)), "CPU cores"
+        have, unit = cpu_cores(), "CPU cores"
     else:
         return  # other accelerators: Lightning checks them
     if wanted is not None and wanted > have:
@@ -112,3 +116,10 @@ def device_count(devices: Any) -> int | None:
     if is_number(devices) and devices > 0:
         return int(devices)
     return None
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity: e.g. what SLURM or taskset gave it)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -7,6 +7,7 @@ at the start of train(); DataLoader workers are forked and inherit the filters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -38,7 +39,6 @@ WARNINGS = (
 # (which only speeds up loading very large models; ours load correctly without it).
 LOG_NOTES = {
     "lightning.pytorch.utilities.rank_zero": ("💡 Tip:",),
-    "lightning.fabric.utilities.rank_zero": ("💡 Tip:",),
     "diffusers.models.modeling_utils": ("Cannot initialize model with low cpu memory usage",),
     "diffusers.pipelines.pipeline_utils": ("Cannot initialize model with low cpu memory usage",),
 }
@@ -64,8 +64,8 @@ WANDB_NOTES = ("The anonymous setting has no effect and will be removed in a fut
 def install(cfg: DictConfig | None = None) -> None:
     """Add the filters above (idempotent: warnings dedupes filters, loggers get one each); the
     wandb ones when cfg's logger is W&B (importing wandb takes a second: only then)."""
-    logger = (cfg.get("logger") or {}) if cfg is not None else {}
-    if str(logger.get("_target_", "")).endswith("WandbLogger"):
+    run_logger = (cfg.get("logger") or {}) if cfg is not None else {}
+    if str(run_logger.get("_target_", "")).endswith("WandbLogger"):
         hide_wandb_notes()
     for pattern in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
@@ -76,10 +76,9 @@ def install(cfg: DictConfig | None = None) -> None:
 
 
 def hide_wandb_notes() -> None:
-    try:
+    # Without wandb, or with one whose helper changed, the notes show: nothing breaks.
+    with contextlib.suppress(ImportError, AttributeError):
         from wandb.errors import term
 
         for note in WANDB_NOTES:
             term._printed_messages.add(f"{term.WARN_STRING} {note}")
-    except (ImportError, AttributeError):  # no wandb, or one whose helper changed: notes show
-        pass

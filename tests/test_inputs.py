@@ -30,6 +30,7 @@ BAD_VALUES = {
     # override(s) -> what the one line must say
     "data.batch_size=0": "data.batch_size=0 must be an integer >= 1",  # hung forever before
     "data.batch_size=2.5": "data.batch_size=2.5 must be an integer >= 1",
+    "data.batch_size=nan": "data.batch_size=nan must be an integer >= 1",
     "data.val_batch_size=0": "data.val_batch_size=0 must be an integer >= 1",
     "data.image_size=0": "data.image_size=0 must be an integer >= 1",
     "data.num_workers=-1": "data.num_workers=-1 must be an integer >= 0",
