@@ -50,9 +50,9 @@ class PreemptionCheckpoint(L.Callback):
         self._watchdog: threading.Timer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Before Lightning installs its SIGTERM handler, which then calls this one after its own
-        # (that sets the flag that ends the loop after the current step). Lightning fetches the
-        # first batch before on_train_start: a loader stuck there must not hold the signal.
+        # Before Lightning installs its SIGTERM handler, which then calls this one after its own.
+        # Lightning fetches the first batch before on_train_start: a loader stuck there must not
+        # hold the signal.
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return  # (Python takes signal handlers from the main thread only)
         self._pid, self._trainer, self._active = os.getpid(), trainer, True
@@ -62,10 +62,17 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_progress, self._longest_wait = time.monotonic(), 0.0
-        # SIGUSR1 gets Lightning's SIGTERM handler (which calls ours), unless Lightning's SLURM
-        # auto-requeue took it already.
-        if self._active and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGUSR1, signal.getsignal(signal.SIGTERM))
+        if not self._active:
+            return
+        # From here on this handler alone: Lightning's also runs a collective (a broadcast from
+        # rank 0) inside the handler and forwards the signal to the ranks it started, so with a
+        # signal to the whole job (every rank gets it, the others once more) the ranks' collectives
+        # no longer pair up and the run hangs. Setting the flag suffices: the training loop
+        # broadcasts rank 0's flag before every step, and all ranks stop after the same one.
+        signal.signal(signal.SIGTERM, self._on_signal)
+        # SIGUSR1 too, unless Lightning's SLURM auto-requeue took it.
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
@@ -80,6 +87,8 @@ class PreemptionCheckpoint(L.Callback):
             self._exit_now(signum, f"a second {name}")
         if self._steps == 0:
             self._exit_now(signum, f"{name} before the first step ended (nothing new to save)")
+        # What Lightning's handler does first (its flag ends the loop after the current step).
+        self._trainer._signal_connector.received_sigterm = True
         grace = max(self.grace_s, 3 * self._longest_wait)
         log.info(
             "%s: saving a checkpoint after the current step (at most %.0f s away)", name, grace
