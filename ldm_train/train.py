@@ -21,6 +21,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train import quiet
+from ldm_train.checks import check_values
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.rundir import RESUME_MODES, RunDir
@@ -43,6 +45,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("resume", cfg.resume, RESUME_MODES)
     trainer_keys = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     check_keys("trainer", [k for k in cfg.trainer if k != "_target_"], trainer_keys)
+    check_values(cfg)
 
 
 def wandb_has_credentials() -> bool:
@@ -146,6 +149,7 @@ def build_strategy(module: L.LightningModule, spec: Any) -> Any:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
+    quiet.install(cfg)
     if cfg.stage.name == "all":
         raise UserError("stage=all is the chain of stages: run it with ldm_train.chain.train_chain")
     validate(cfg)
