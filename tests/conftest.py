@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -219,9 +220,12 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def start_cli() -> Callable[..., subprocess.Popen]:
-    """start_cli(args, cwd, **env): `python <args>` in the background, stdout and stderr merged."""
+    """start_cli(args, cwd, new_session=False, **env): `python <args>` in the background, stdout
+    and stderr merged; new_session: in a process group of its own (for os.killpg)."""
 
-    def start(args: Sequence[str], cwd: Path, **env: str) -> subprocess.Popen:
+    def start(
+        args: Sequence[str], cwd: Path, new_session: bool = False, **env: str
+    ) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,
@@ -230,6 +234,22 @@ def start_cli() -> Callable[..., subprocess.Popen]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
 
     return start
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    """wait_for(path, process, timeout=120): until the file appears; fails if the process ends
+    first (showing its output) or the time runs out."""
+
+    def wait(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.is_file():
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, f"{path} never appeared"
+            time.sleep(0.05)
+
+    return wait

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from ldm_train.checks import device_count
 from ldm_train.config import UserError, check_overrides
 from ldm_train.train import validate
 
-REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- values checked before a run
 
@@ -108,32 +104,14 @@ def test_unknown_preset_lists_the_presets_next_to_it():
 # ---------------------------------------------------------------- the CLI: one line, exit code 2
 
 
-def cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "LDM_TRAIN"))}
-    env.update(WANDB_MODE="offline", PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, "-m", "ldm_train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-    )
-
-
-def tiny_run(tiny_shards: dict, tmp_path: Path, *extra: str) -> list[str]:
+def tiny_run(tiny_overrides, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        f"paths.output_root={tmp_path / 'outputs'}",
-        f"data.train_urls='{tiny_shards['train_urls']}'",
-        f"data.val_urls='{tiny_shards['val_urls']}'",
-        "data.make_dataset=null",
-        "data.batch_size=8",
+        "-m",
+        "ldm_train",
+        *tiny_overrides(tmp_path / "outputs"),
         "data.batches_per_epoch=2",
         "trainer.max_steps=2",
         "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false",
-        "logger=csv",
         *extra,
     ]
 
@@ -151,7 +129,7 @@ def bad_shards(tmp_path: Path) -> str:
 @pytest.mark.parametrize(
     "case", ["batch size 0", "max_steps abc", "unknown preset", "missing file url", "all bad"]
 )
-def test_cli_prints_one_line_and_exits_2(tiny_shards, tmp_path, case):
+def test_cli_prints_one_line_and_exits_2(tiny_overrides, tmp_path, case, run_cli):
     extra = {
         "batch size 0": ["data.batch_size=0"],
         "max_steps abc": ["trainer.max_steps=abc"],
@@ -160,7 +138,7 @@ def test_cli_prints_one_line_and_exits_2(tiny_shards, tmp_path, case):
         # In a DataLoader worker: torch wraps the error with the worker's traceback.
         "all bad": [f"data.train_urls='{bad_shards(tmp_path)}'", "data.num_workers=2"],
     }[case]
-    result = cli(tiny_run(tiny_shards, tmp_path, *extra), tmp_path)
+    result = run_cli(tiny_run(tiny_overrides, tmp_path, *extra), tmp_path, check=False)
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("ldm_train: error: "), result.stderr[-3000:]
@@ -182,7 +160,7 @@ NOISE = [
 
 
 @pytest.mark.slow
-def test_default_runs_print_no_library_noise(tiny_shards, tmp_path):
+def test_default_runs_print_no_library_noise(tiny_overrides, tmp_path, run_cli):
     """clip, a resume of it with another checkpoint cadence, vae, and unet on their exports: the
     runs succeed and stderr holds none of the filtered notes."""
     runs = [
@@ -192,8 +170,7 @@ def test_default_runs_print_no_library_noise(tiny_shards, tmp_path):
         ["debug=fast", "stage=unet"],  # loads the vae and clip exports
     ]
     for extra in runs:
-        result = cli(tiny_run(tiny_shards, tmp_path, *extra), tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_cli(tiny_run(tiny_overrides, tmp_path, *extra), tmp_path, WANDB_MODE="offline")
         shown = [noise for noise in NOISE if noise in result.stderr]
         assert not shown, result.stderr[-3000:]
 

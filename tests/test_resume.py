@@ -170,14 +170,6 @@ def cli(tmp_path: Path, tiny_shards, start_cli):
     return start
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def finish(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
@@ -185,7 +177,7 @@ def finish(process: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cli):
+def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cli, wait_for):
     finish(cli("straight"))  # 2 loader workers
     killed = cli("killed", "keep_last_checkpoints=-1")
     # The kill lands before or after last.ckpt moves from step 6 to 8 (or 10): each must resume
@@ -202,7 +194,7 @@ def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum):
+def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum, wait_for):
     run_dir = tmp_path / "preempted" / "clip"
     process = cli("preempted")
     wait_for(run_dir / "checkpoints" / "step00000004.ckpt", process)

@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,46 +19,34 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 
 
-def start(tmp_path: Path, tiny_shards: dict, train_urls: str, *extra: str) -> subprocess.Popen:
-    """The CLI training test_resume's Recorder (0.15 s a step), 2 loader workers, in a session of
-    its own (so that os.killpg reaches it and every process it started, and nothing else)."""
-    args = [
-        "-m",
-        "ldm_train",
-        "experiment_name=signals",
-        "logger=csv",
-        "trainer.accelerator=cpu",
-        f"paths.output_root={tmp_path}",
-        f"data.train_urls='{train_urls}'",
-        f"data.val_urls='{tiny_shards['val_urls']}'",
-        "data.make_dataset=null",
-        "data.num_workers=2",
-        "data.batch_size=8",
-        "data.batches_per_epoch=5",
-        "trainer.max_steps=40",
-        "trainer.enable_progress_bar=false",
-        "checkpoint_every_n_steps=2",
-        "~stage.module",
-        "+stage.module={_target_:test_resume.Recorder,delay:0.15}",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
-    return subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+@pytest.fixture
+def start(tmp_path: Path, tiny_shards: dict, start_cli):
+    def run(train_urls: str, *extra: str) -> subprocess.Popen:
+        """The CLI training test_resume's Recorder (0.15 s a step), 2 loader workers, in a session
+        of its own (so that os.killpg reaches it and every process it started, and nothing else)."""
+        args = [
+            "-m",
+            "ldm_train",
+            "experiment_name=signals",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            f"paths.output_root={tmp_path}",
+            f"data.train_urls='{train_urls}'",
+            f"data.val_urls='{tiny_shards['val_urls']}'",
+            "data.make_dataset=null",
+            "data.num_workers=2",
+            "data.batch_size=8",
+            "data.batches_per_epoch=5",
+            "trainer.max_steps=40",
+            "trainer.enable_progress_bar=false",
+            "checkpoint_every_n_steps=2",
+            "~stage.module",
+            "+stage.module={_target_:test_resume.Recorder,delay:0.15}",
+            *extra,
+        ]
+        return start_cli(args, tmp_path, new_session=True)
 
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+    return run
 
 
 def ended_within(process: subprocess.Popen, seconds: float) -> str:
@@ -80,14 +67,14 @@ def ended_within(process: subprocess.Popen, seconds: float) -> str:
     "signum, ranks", [(signal.SIGTERM, 1), (signal.SIGUSR1, 1), (signal.SIGTERM, 2)]
 )
 def test_signal_to_the_process_group_saves_a_checkpoint_and_exits_0(
-    tmp_path, tiny_shards, signum, ranks
+    tmp_path, tiny_shards, signum, ranks, start, wait_for
 ):
     """Loader workers get the signal too, ignore it, and keep serving the step that finishes.
     With 2 DDP ranks (CPU, gloo) every rank gets it; Lightning's own handler, which forwards it
     and broadcasts inside the handler, made the ranks' collectives mismatch and hang."""
     checkpoints = tmp_path / "signals" / "clip" / "checkpoints"
     ddp = [f"trainer.devices={ranks}", "trainer.strategy=ddp"] if ranks > 1 else []
-    process = start(tmp_path, tiny_shards, tiny_shards["train_urls"], *ddp)
+    process = start(tiny_shards["train_urls"], *ddp)
     wait_for(checkpoints / "step00000004.ckpt", process)
     os.killpg(process.pid, signum)  # the main process, both loader workers
     output = ended_within(process, 120)
@@ -105,14 +92,16 @@ def stuck_after_first_shard(tiny_shards: dict) -> str:
 
 
 @pytest.mark.parametrize("how", ["no step ends within grace_s", "a second SIGTERM"])
-def test_sigterm_while_no_step_can_finish_exits_promptly(tmp_path, tiny_shards, how):
+def test_sigterm_while_no_step_can_finish_exits_promptly(
+    tmp_path, tiny_shards, how, start, wait_for
+):
     """Each worker gets 32 samples (3 whole batches: the tar reader holds the last one back), then waits on the pipe: no step can end. With
     grace_s=2 one SIGTERM exits ~2 s later; with grace_s=600 a second SIGTERM exits at once. The
     newest checkpoint stays for the rerun."""
     grace = 2 if how == "no step ends within grace_s" else 600
     url = stuck_after_first_shard(tiny_shards)
     extra = f"callbacks.preemption.grace_s={grace}", "data.shuffle_buffer=1"  # yield at once
-    process = start(tmp_path, tiny_shards, url, *extra)
+    process = start(url, *extra)
     checkpoints = tmp_path / "signals" / "clip" / "checkpoints"
     wait_for(checkpoints / "step00000006.ckpt", process)  # 6 batches: the loader is dry now
     time.sleep(1.0)
@@ -130,10 +119,10 @@ def test_sigterm_while_no_step_can_finish_exits_promptly(tmp_path, tiny_shards, 
     assert step == 6
 
 
-def test_sigterm_before_the_first_step_exits_at_once(tmp_path, tiny_shards):
+def test_sigterm_before_the_first_step_exits_at_once(tmp_path, start, wait_for):
     """A loader that never delivers: no step ends, nothing new to save; SIGTERM exits at once."""
     ready = tmp_path / "loader-started"
-    process = start(tmp_path, tiny_shards, f"pipe:touch {ready}; sleep 600")
+    process = start(f"pipe:touch {ready}; sleep 600")
     wait_for(ready, process)
     process.send_signal(signal.SIGTERM)
     output = ended_within(process, 15)
