@@ -19,7 +19,6 @@ from ldm_train.checks import device_count
 from ldm_train.config import UserError, check_overrides
 from ldm_train.train import validate
 
-
 # ---------------------------------------------------------------- values checked before a run
 
 BAD_VALUES = {
