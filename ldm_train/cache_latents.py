@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,14 @@ import webdataset as wds
 from omegaconf import DictConfig
 
 from ldm_train.config import UserError, check_overrides, compose_config
+from ldm_train.data.bucketing import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
 from ldm_train.data.pipeline import (
     LATENT_FLIP_KEY,
     LATENT_KEY,
     TEXT_KEY,
     StreamStats,
+    batched,
     decode_sample,
     image_transform,
     read_pass,
@@ -55,17 +57,6 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "cache.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def batched(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @torch.inference_mode()
@@ -84,6 +75,18 @@ def encode_batch(
     return [{name: value[i] for name, value in as_numpy.items()} for i in range(len(samples))]
 
 
+def encode_by_shape(samples: list[dict], *parts: Any) -> list[dict[str, np.ndarray]]:
+    """encode_batch for each image shape among the samples (aspect-ratio buckets: each sample's
+    latent at its bucket's size), the results in the samples' order."""
+    encoded: list[dict[str, np.ndarray]] = [{} for _ in samples]
+    for shape in dict.fromkeys(shape_of(sample) for sample in samples):
+        indices = [i for i, sample in enumerate(samples) if shape_of(sample) == shape]
+        arrays = encode_batch([samples[i] for i in indices], *parts)
+        for i, sample_arrays in zip(indices, arrays, strict=True):
+            encoded[i] = sample_arrays
+    return encoded
+
+
 def cache_shard(
     url: str,
     out_file: Path,
@@ -96,7 +99,7 @@ def cache_shard(
 ) -> StreamStats:
     """One source shard -> one cache shard (written to a temporary name, then moved into place)."""
     stats = StreamStats()
-    transform = image_transform(data_cfg, train=False)  # resize + centre crop, no flip
+    transform = image_transform(data_cfg, train=False)  # resize + centre crop (buckets'), no flip
     decoded = (
         sample
         for raw in read_pass([url], 0, 1, stats)
@@ -105,7 +108,7 @@ def cache_shard(
     partial = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     with wds.TarWriter(str(partial)) as sink:
         for samples in batched(decoded, batch_size):
-            encoded = encode_batch(samples, vae, text_encoder, data_cfg.random_flip, device)
+            encoded = encode_by_shape(samples, vae, text_encoder, data_cfg.random_flip, device)
             for sample, arrays in zip(samples, encoded, strict=True):
                 record = {"__key__": sample["key"], "txt": sample["caption"]}
                 if sample["meta"]:
@@ -156,6 +159,7 @@ def cache_latents(
         "flips": loader.random_flip,
         "dtype": dtype,
         "latent_moments": moments_shape(vae, loader.image_size),
+        "buckets": loader.bucket_list,  # [width, height]: each sample's latent at its bucket's
         **counts,
         "samples_written": totals.ok,
         "skipped": dict(totals.skipped),

@@ -27,8 +27,8 @@ from ldm_train.clip_eval import parse_zero_shot
 from ldm_train.config import UserError, compose_config
 from ldm_train.diffusion.evaluate import prompt_accuracy
 from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.diffusion.sizes import generate_sized, prompt_sizes, save_rows
 from ldm_train.exports.pipeline import Pipeline
-from ldm_train.generate import save_images
 from ldm_train.rundir import RunDir
 from ldm_train.stages.unet import prompt_captions
 from ldm_train.train import train
@@ -119,16 +119,16 @@ def evaluate(cfg: DictConfig, unet_export: Path, clip_export: Path, out_dir: Pat
     started = time.monotonic()
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     pipeline = Pipeline.load(unet_export, "cuda" if on_gpu else "cpu")
-    images = pipeline.generate(captions, n, options)
-    save_images(images, captions, n, options.seed, out_dir)
+    # Each prompt at its own width x height, if it has one (ldm_train.diffusion.sizes).
+    sizes = prompt_sizes(prompts, pipeline.image_size)
+    rows = generate_sized(pipeline, captions, sizes, n, options)
+    save_rows(rows, captions, options.seed, out_dir)
     results: dict[str, Any] = {"generate_minutes": (time.monotonic() - started) / 60}
     labels = [p if isinstance(p, dict) else {} for p in prompts for _ in range(n)]
     tasks = parse_zero_shot(cfg.data.get("zero_shot"))
     if tasks and any(labels):
-        results |= prompt_accuracy(clip_export, images, labels, tasks)
-    log.info(
-        "chain: %d images for %d prompts in %s (grid.png)", len(images), len(captions), out_dir
-    )
+        results |= prompt_accuracy(clip_export, rows, labels, tasks)
+    log.info("chain: %d images for %d prompts in %s (grid.png)", n * len(rows), len(rows), out_dir)
     return results
 
 

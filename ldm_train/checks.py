@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from ldm_train.config import UserError
+from ldm_train.data.buckets import check_bucket_factor, data_bucket_sizes
 from ldm_train.diffusion.upstream import downsampling_factor, vae_folder
 
 
@@ -48,6 +49,7 @@ def check_image_size(cfg: DictConfig) -> None:
     """The VAE halves the image size once per down block but the last: a size that does not
     divide comes back from the decoder a few pixels smaller than it went in."""
     factor, source = vae_factor(cfg)
+    check_bucket_factor(data_bucket_sizes(cfg.data), factor, source)
     size = cfg.data.image_size
     if factor > 1 and size % factor:
         fits = max(factor, round(size / factor) * factor)

@@ -13,6 +13,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+import ldm_train.data.buckets  # noqa: F401  (registers the ${bucket_sizes:...} resolver)
 import ldm_train.rundir  # noqa: F401  (registers the ${run_export:...} resolver the config uses)
 from ldm_train.errors import UserError
 

@@ -47,6 +47,32 @@ def tiny_shards(tmp_path_factory) -> dict[str, str]:
     }
 
 
+MIXED_CANVASES = [[32, 32], [48, 32], [32, 48]]  # data=shapes_mixed's
+
+
+@pytest.fixture(scope="session")
+def tiny_mixed_shards(tmp_path_factory) -> dict[str, str]:
+    """tiny_shards' samples on 32x32, 48x32 and 32x48 canvases (data=shapes_mixed's)."""
+    root = tmp_path_factory.mktemp("data") / "shapes_mixed-32"
+    make_shapes_dataset(root, progress=False, canvases=MIXED_CANVASES, **TINY)
+    return {
+        "root": str(root),
+        "train_urls": f"{root}/train-{{000000..000003}}.tar",
+        "val_urls": f"{root}/val-{{000000..000001}}.tar",
+    }
+
+
+@pytest.fixture
+def mixed_cfg(tmp_path: Path, tiny_mixed_shards) -> Callable[..., DictConfig]:
+    """make_cfg on the tiny mixed shards with data=shapes_mixed (one bucket per canvas)."""
+
+    def compose(*overrides: str) -> DictConfig:
+        base = tiny_run(tmp_path / "outputs", tiny_mixed_shards)
+        return compose_config(["data=shapes_mixed", *base, *overrides])
+
+    return compose
+
+
 def tiny_run(output_root: Path, shards: dict[str, str]) -> list[str]:
     """CPU, CSV logging, the tiny shards, a few small batches and outputs under output_root."""
     return [

@@ -122,6 +122,11 @@ class WebDataModule(L.LightningDataModule):
         self.loader = loader
         self.make_dataset = make_dataset
 
+    @property
+    def bucketed(self) -> bool:
+        """Batches of several shapes (aspect-ratio buckets), each batch of one."""
+        return self.loader.bucketed
+
     @classmethod
     def from_config(cls, data: DictConfig) -> WebDataModule:
         """Build from the `data` config group; unknown keys and bad choices are one-line errors."""
@@ -135,6 +140,12 @@ class WebDataModule(L.LightningDataModule):
         )
         loader = LoaderConfig(**options)
         check_choice("data.crop", loader.crop, ["center", "random"])
+        loader.bucket_list  # noqa: B018  (one-line errors for bad bucket options, here)
+        if loader.bucket_cap is not None and not loader.bucket_cap >= loader.batch_size:
+            raise UserError(
+                f"data.bucket_cap={loader.bucket_cap} is below data.batch_size="
+                f"{loader.batch_size}: no batch could form; raise it, or null for no cap"
+            )
         make = data.get("make_dataset")
         return cls(
             data.train_urls, data.get("val_urls"), loader, instantiate(make) if make else None

@@ -27,6 +27,7 @@ from typing import Any
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm_train.data.bucketing import BucketBatcher, decode_positions, grouped_batches
 from ldm_train.data.samples import (  # noqa: F401  (names importers take from here)
     LATENT_FLIP_KEY,
     LATENT_KEY,
@@ -128,13 +129,21 @@ class TrainStream(IterableDataset):
         self.position = StreamPosition()
         self._batches: Iterator[dict] | None = None
         self._restored = False
+        # Aspect-ratio buckets (ldm_train/data/bucketing.py): samples held until their bucket
+        # fills; _held_state: a checkpoint's held samples, decoded again at the next iter().
+        self.batcher = BucketBatcher(cfg.batch_size, cfg.bucket_cap) if cfg.bucketed else None
+        self._held_state: dict | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": asdict(self.position), "stats": self.stats.state_dict()}
+        state = {"position": asdict(self.position), "stats": self.stats.state_dict()}
+        if self.batcher is not None:
+            state["buckets"] = self.batcher.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = StreamPosition(**state["position"])
         self.stats.load_state_dict(state["stats"])
+        self._held_state = state.get("buckets")
         self._batches = None  # rebuilt from the position on the next iter()
         self._restored = True
 
@@ -163,16 +172,30 @@ class TrainStream(IterableDataset):
             self.position.epoch_batches += 1  # before the yield: the worker's state includes it
             yield batch
 
-    def _samples(self) -> Iterator[dict]:
+    def _order_seed(self, pass_index: int) -> str:
+        return f"{self.cfg.seed}-{self.rank}-pass{pass_index}"
+
+    def _read(self, pass_index: int) -> Iterator[dict]:
         slot, slots = worker_slot(self.rank, self.world_size)
-        transform = image_transform(self.cfg, train=True)
-        augmenting = self.cfg.random_flip or self.cfg.crop == "random"
+        order_seed = self._order_seed(pass_index)
+        return read_pass(self.urls, slot, slots, self.stats, order_seed, self.cfg.shuffle_buffer)
+
+    def _decode(self, sample: dict, pass_index: int, index: int, transform) -> dict | None:
+        # Augmentation drawn from the sample's place in the stream, not a global RNG (made only
+        # when there is augmentation to draw: seeding costs as much as a json).
+        rng = None
+        if self.cfg.random_flip or self.cfg.crop == "random":
+            slot, _ = worker_slot(self.rank, self.world_size)
+            rng = random.Random(f"{self._order_seed(pass_index)}-{slot}-{index}")
+        return decode_sample(sample, self.cfg, transform, self.stats, rng)
+
+    def _samples(self, transform) -> Iterator[tuple[tuple[int, int], dict]]:
+        """(position, decoded sample) from the stream's current position on."""
         position, attempts = self.position, 0
         for pass_index in itertools.count(position.pass_index):
             if pass_index != position.pass_index:
                 position.pass_index, position.taken_in_pass = pass_index, 0
-            order_seed = f"{self.cfg.seed}-{self.rank}-pass{pass_index}"
-            raw = read_pass(self.urls, slot, slots, self.stats, order_seed, self.cfg.shuffle_buffer)
+            raw = self._read(pass_index)
             if position.taken_in_pass:  # resuming: skip what was taken, without decoding it
                 self.stats.replaying = True
                 for _ in itertools.islice(raw, position.taken_in_pass):
@@ -181,26 +204,38 @@ class TrainStream(IterableDataset):
             for sample in raw:
                 position.taken_in_pass += 1
                 attempts += 1
-                # Augmentation drawn from the sample's place in the stream, not a global RNG
-                # (made only when there is augmentation to draw: seeding costs as much as a json).
-                rng = (
-                    random.Random(f"{order_seed}-{slot}-{position.taken_in_pass}")
-                    if augmenting
-                    else None
-                )
-                decoded = decode_sample(sample, self.cfg, transform, self.stats, rng)
+                decoded = self._decode(sample, pass_index, position.taken_in_pass, transform)
                 if decoded is not None:
-                    yield decoded
+                    yield (pass_index, position.taken_in_pass), decoded
                 elif self.stats.ok == 0 and attempts > NO_VALID_SAMPLE_LIMIT:
                     raise no_valid_samples(self.urls, True, self.stats)
 
     def _batch_stream(self) -> Iterator[dict]:
+        transform = image_transform(self.cfg, train=True)
+        if self.batcher is not None:
+            yield from self._bucket_stream(transform)
+            return
         batch: list[dict] = []
-        for sample in self._samples():
+        for _, sample in self._samples(transform):
             batch.append(sample)
             if len(batch) == self.cfg.batch_size:
                 yield collate(batch, self.stats)
                 batch = []
+
+    def _bucket_stream(self, transform) -> Iterator[dict]:
+        if self._held_state is not None:  # resuming: decode the held samples again
+            ok, self.stats.replaying = self.stats.ok, True
+            held = decode_positions(
+                BucketBatcher.positions(self._held_state),
+                self._read,
+                lambda raw, pass_index, index: self._decode(raw, pass_index, index, transform),
+            )
+            self.stats.ok, self.stats.replaying = ok, False
+            self.batcher.load_state_dict(self._held_state, held)
+            self._held_state = None
+        for position, sample in self._samples(transform):
+            for batch in self.batcher.add(sample, position):
+                yield {**collate(batch, self.stats), **self.batcher.report()}
 
 
 class ValStream(IterableDataset):
@@ -214,19 +249,29 @@ class ValStream(IterableDataset):
         slot, slots = worker_slot(self.rank, self.world_size)
         transform = image_transform(self.cfg, train=False)
         batch_size = self.cfg.val_batch_size or self.cfg.batch_size
-        batch, attempts = [], 0
-        for sample in read_pass(self.urls, slot, slots, self.stats):
-            attempts += 1
-            decoded = decode_sample(sample, self.cfg, transform, self.stats)
-            if decoded is not None:
-                batch.append(decoded)
-            if len(batch) == batch_size:
-                yield collate(batch, self.stats)
-                batch = []
-        if batch:
+        attempts = 0
+
+        def decoded() -> Iterator[dict]:
+            nonlocal attempts
+            for sample in read_pass(self.urls, slot, slots, self.stats):
+                attempts += 1
+                if (result := decode_sample(sample, self.cfg, transform, self.stats)) is not None:
+                    yield result
+
+        if self.cfg.bucketed:  # one shape per batch (ldm_train/data/bucketing.py)
+            batches = grouped_batches(decoded(), batch_size, self.cfg.bucket_cap)
+        else:
+            batches = batched(decoded(), batch_size)
+        for batch in batches:
             yield collate(batch, self.stats)
         if attempts and self.stats.ok == 0:
             raise no_valid_samples(self.urls, False, self.stats)
+
+
+def batched(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Lists of `size` samples, then the rest (wds.filters.batched without its collation)."""
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
 
 
 def check_has_sample(urls: Sequence[str], cfg: LoaderConfig) -> None:

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from ldm_train.config import UserError
+from ldm_train.data.buckets import BucketTransform, Size, bucket_sizes, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,19 @@ class LoaderConfig:
     random_flip: bool = True
     crop: Literal["center", "random"] = "center"
     batches_per_epoch: int = 1000
+    # Aspect-ratio buckets (ldm_train/data/buckets.py, bucketing.py); both None: square images.
+    buckets: Sequence[Sequence[int]] | None = None  # [width, height] pairs
+    bucket_max_ratio: float | None = None  # or: made from image_size up to this long/short ratio
+    bucket_step: int = 8  # their sides' step: the VAE's downsampling factor (or a multiple)
+    bucket_cap: int | None = None  # samples held over all buckets; None: batch_size - 1 each
+
+    @property
+    def bucketed(self) -> bool:
+        return self.buckets is not None or self.bucket_max_ratio is not None
+
+    @property
+    def bucket_list(self) -> list[Size] | None:
+        return bucket_sizes(self.buckets, self.bucket_max_ratio, self.image_size, self.bucket_step)
 
 
 @dataclass
@@ -141,20 +155,24 @@ class ImageTransform:
 
     def __init__(self, cfg: LoaderConfig, train: bool):
         self.size = cfg.image_size
+        self.draft_size = (self.size, self.size)
         self.resize = v2.Resize(self.size, antialias=True)
         self.crop = None if (train and cfg.crop == "random") else v2.CenterCrop(self.size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if min(image.size) != self.size:
             image = self.resize(image)
         if self.crop is not None and image.size != (self.size, self.size):
             image = self.crop(image)
-        array = np.array(image, dtype=np.uint8, copy=True)  # H x W x 3, writable
-        return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return to_tensor(image)  # a random crop is augment's
 
 
-def image_transform(cfg: LoaderConfig, train: bool) -> ImageTransform:
-    return ImageTransform(cfg, train)
+def image_transform(cfg: LoaderConfig, train: bool) -> ImageTransform | BucketTransform:
+    """Square images, or with buckets each image at its bucket's size (ldm_train/data/buckets.py)."""
+    buckets = cfg.bucket_list
+    if buckets is None:
+        return ImageTransform(cfg, train)
+    return BucketTransform(buckets, random_crop=train and cfg.crop == "random")
 
 
 def read_meta(sample: dict) -> dict:
@@ -178,7 +196,7 @@ def read_caption(sample: dict, caption_keys: Sequence[str], meta: dict) -> str |
 def decode_sample(
     sample: dict,
     cfg: LoaderConfig,
-    transform: ImageTransform,
+    transform: ImageTransform | BucketTransform,
     stats: StreamStats,
     rng: random.Random | None = None,
 ) -> dict | None:
@@ -203,7 +221,7 @@ def decode_sample(
 def decode_members(
     sample: dict,
     cfg: LoaderConfig,
-    transform: ImageTransform,
+    transform: ImageTransform | BucketTransform,
     stats: StreamStats,
     rng: random.Random | None,
     where: str,
@@ -228,9 +246,9 @@ def decode_members(
         return decode_cached(sample, cfg, stats, rng, where, caption, meta)
     try:
         with Image.open(io.BytesIO(sample[image_key])) as raw:
-            raw.draft("RGB", (cfg.image_size, cfg.image_size))  # JPEG: decode at reduced size
+            raw.draft("RGB", transform.draft_size)  # JPEG: decode at reduced size
             ImageOps.exif_transpose(raw, in_place=True)  # phone photos: rotation in EXIF
-            image = transform(to_rgb(raw))
+            image = transform(to_rgb(raw), rng)  # a bucket's random crop draws first
     except Exception as error:  # PIL raises many types (incl. DecompressionBombError)
         stats.skip("undecodable image", where, error)
         return None
@@ -281,7 +299,7 @@ def decode_cached(
 def augment(image: torch.Tensor, cfg: LoaderConfig, rng: random.Random) -> torch.Tensor:
     """Random crop and horizontal flip from the given rng (torchvision's draw from the global one)."""
     size = cfg.image_size
-    if cfg.crop == "random":
+    if cfg.crop == "random" and not cfg.bucketed:  # a bucket's crop is its transform's
         top = rng.randint(0, image.shape[-2] - size)
         left = rng.randint(0, image.shape[-1] - size)
         image = image[..., top : top + size, left : left + size]
@@ -297,6 +315,12 @@ def collate(samples: list[dict], stats: StreamStats) -> dict[str, Any]:
         if present and len(present) != len(samples):
             raise CacheError(f"a batch mixes samples with and without {name!r}: mixed shard kinds")
         if present:
+            if len({tuple(t.shape) for t in present}) > 1:  # only cached latents can differ here
+                raise CacheError(
+                    f"a batch mixes {name} shapes {sorted({tuple(t.shape) for t in present})}: "
+                    "the cache was made with aspect-ratio buckets; train with the same "
+                    "data.buckets / data.bucket_max_ratio as it was cached with"
+                )
             tensors[name] = torch.stack(present)
     return {
         **tensors,

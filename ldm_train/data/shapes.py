@@ -5,6 +5,10 @@ of another colour; the caption spells out those attributes, so a small model can
 text-to-image mapping in minutes and its samples can be checked by eye.
 
     python -m ldm_train.data.shapes --out data/shapes-32 --image-size 32
+    python -m ldm_train.data.shapes --out DIR --canvas 32x32 --canvas 48x32 --canvas 32x48
+
+--canvas: non-square images too (data=shapes_mixed); positions are fractions of each side and
+shape sizes of the shorter side, so captions mean the same on every canvas.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -95,19 +100,21 @@ def _axis_centre(anchor: str, jitter: float, half_extent: float, size: str, marg
     return min(max(nominal + amplitude * jitter, lowest), 1.0 - lowest)
 
 
-def shape_centre(attrs: dict, image_size: int) -> tuple[float, float]:
-    """(x, y) centre of the shape as fractions of the image side."""
+def shape_centre(attrs: dict, width: int, height: int | None = None) -> tuple[float, float]:
+    """(x, y) centre of the shape as fractions of the image's width and height (default: square)."""
+    height = width if height is None else height
     position = attrs["position"]
     vertical, _, horizontal = position.partition(" ")
     x_anchor = {"left": "low", "right": "high"}.get(horizontal, "mid")
     y_anchor = {"top": "low", "bottom": "high"}.get(vertical, "mid")
     jitter_x, jitter_y = attrs.get("jitter", (0.0, 0.0))
-    half_extent = SIZE_FRACTION[attrs["size"]] / 2
-    margin = max(BORDER_MARGIN, BORDER_MARGIN_PX / image_size)
-    return (
-        _axis_centre(x_anchor, jitter_x, half_extent, attrs["size"], margin),
-        _axis_centre(y_anchor, jitter_y, half_extent, attrs["size"], margin),
-    )
+    centre = []
+    for anchor, jitter, side in ((x_anchor, jitter_x, width), (y_anchor, jitter_y, height)):
+        # The shape's size is a fraction of the shorter side: its half extent along this axis.
+        half_extent = SIZE_FRACTION[attrs["size"]] / 2 * (min(width, height) / side)
+        margin = max(BORDER_MARGIN, BORDER_MARGIN_PX / side)
+        centre.append(_axis_centre(anchor, jitter, half_extent, attrs["size"], margin))
+    return centre[0], centre[1]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill):
@@ -129,25 +136,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, hal
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render(attrs: dict, image_size: int) -> Image.Image:
-    """RGB image of side image_size for one attribute dict."""
-    canvas_size = image_size * SUPERSAMPLE
-    image = Image.new("RGB", (canvas_size, canvas_size), COLOURS[attrs["background"]])
-    centre_x, centre_y = shape_centre(attrs, image_size)
+def render(attrs: dict, image_size: int, height: int | None = None) -> Image.Image:
+    """RGB image of one attribute dict: image_size x image_size, or image_size wide and `height`
+    tall."""
+    width, height = image_size, image_size if height is None else height
+    canvas = (width * SUPERSAMPLE, height * SUPERSAMPLE)
+    image = Image.new("RGB", canvas, COLOURS[attrs["background"]])
+    centre_x, centre_y = shape_centre(attrs, width, height)
     _draw_shape(
         ImageDraw.Draw(image),
         attrs["shape"],
-        centre_x * canvas_size,
-        centre_y * canvas_size,
-        SIZE_FRACTION[attrs["size"]] * canvas_size / 2,
+        centre_x * canvas[0],
+        centre_y * canvas[1],
+        SIZE_FRACTION[attrs["size"]] * min(canvas) / 2,
         COLOURS[attrs["colour"]],
     )
     return image.reduce(SUPERSAMPLE)  # box filter: exact area average, no ringing
 
 
 def _encode_sample(key: str, attrs: dict, image_size: int) -> dict:
+    """attrs["canvas"] ([width, height]), when present, sets the image's size."""
     buffer = io.BytesIO()
-    render(attrs, image_size).save(buffer, format="PNG")
+    render(attrs, *attrs.get("canvas", (image_size,))).save(buffer, format="PNG")
     text = caption(attrs)
     return {
         "__key__": key,
@@ -189,18 +199,22 @@ def _write_split(
     image_size: int,
     seed: int,
     progress_bar: tqdm,
+    canvases: Sequence[Sequence[int]] | None = None,
 ) -> None:
     # One attribute stream per split, cut into shards afterwards: the samples do not depend on
-    # the number of shards.
+    # the number of shards. Canvases come from a stream of their own: the attributes (and the
+    # square dataset's bytes) stay the same with or without them.
     rng = _split_rng(seed, split)
+    canvas_rng = random.Random(f"ldm_train.shapes/{split}/{seed}/canvas")
     bounds = [index * num_samples // num_shards for index in range(num_shards + 1)]
     paths = shard_paths(directory, split, num_shards)
     for path, start, end in zip(paths, bounds[:-1], bounds[1:], strict=True):
         with wds.TarWriter(str(path), mtime=TAR_MTIME) as writer:
             for index in range(start, end):
-                writer.write(
-                    _encode_sample(f"{split}-{index:08d}", sample_attributes(rng), image_size)
-                )
+                attrs = sample_attributes(rng)
+                if canvases:
+                    attrs["canvas"] = list(canvas_rng.choice(canvases))
+                writer.write(_encode_sample(f"{split}-{index:08d}", attrs, image_size))
                 progress_bar.update()
 
 
@@ -246,15 +260,20 @@ def make_shapes_dataset(
     val_shards: int = 4,
     seed: int = 0,
     progress: bool = True,
+    canvases: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Write the shapes dataset into out_dir (train-*.tar, val-*.tar) unless it is already there.
 
     Same arguments give byte-identical shards. Writing goes to a sibling temporary folder that
     is renamed into place at the end, so an interrupted or concurrent run never leaves a partial
-    dataset under out_dir.
+    dataset under out_dir. canvases: [width, height] sizes each sample draws one of (uniformly);
+    None: every image image_size square.
     """
     out_dir = Path(out_dir)
     params = {"image_size": image_size, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if canvases:
+        canvases = [[int(side) for side in canvas] for canvas in canvases]
+        params["canvases"] = canvases
     if shards_exist(out_dir, train_shards, val_shards):
         logger.info("shapes dataset already in %s", out_dir)
         _warn_if_params_differ(out_dir, params)
@@ -272,8 +291,8 @@ def make_shapes_dataset(
     tmp_dir.mkdir(parents=True)
     try:
         with tqdm(total=n_train + n_val, desc="shapes", unit="img", disable=not progress) as bar:
-            _write_split(tmp_dir, "train", n_train, train_shards, image_size, seed, bar)
-            _write_split(tmp_dir, "val", n_val, val_shards, image_size, seed, bar)
+            for split, n, shards in (("train", n_train, train_shards), ("val", n_val, val_shards)):
+                _write_split(tmp_dir, split, n, shards, image_size, seed, bar, canvases)
         (tmp_dir / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True) + "\n")
         _publish(tmp_dir, out_dir, train_shards, val_shards)
     finally:
@@ -285,6 +304,12 @@ def _brace_pattern(out_dir: Path, split: str, num_shards: int) -> str:
     if num_shards == 1:
         return str(out_dir / f"{split}-000000.tar")
     return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
+def parse_canvas(text: str) -> list[int]:
+    if not re.fullmatch(r"\d+x\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: write WIDTHxHEIGHT, e.g. 48x32")
+    return [int(side) for side in text.split("x")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-shards", type=int, default=16)
     parser.add_argument("--val-shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--canvas", action="append", type=parse_canvas, help="WxH (repeat)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -311,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_shards=args.val_shards,
         seed=args.seed,
         progress=not args.quiet,
+        canvases=args.canvas,
     )
     train_urls = _brace_pattern(out_dir, "train", args.train_shards)
     val_urls = _brace_pattern(out_dir, "val", args.val_shards)

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldm_train.config import UserError
+from ldm_train.data.buckets import check_bucket_factor
 from ldm_train.diffusion.upstream import (
     Frozen,
     KeyedCache,
@@ -33,21 +34,27 @@ class LatentEncoder:
         image_size: int = 32,
         image_channels: int = 3,
         cache_size: int = 0,
+        sizes: Sequence[Sequence[int]] | None = None,
     ):
         """cache_size: training images whose latent Gaussians are kept, by sample key; only with
-        deterministic image transforms (no random flip or crop). 0 keeps none."""
+        deterministic image transforms (no random flip or crop). 0 keeps none. sizes: the
+        (width, height) of the loader's aspect-ratio buckets, if on (`${bucket_sizes:${data}}`)."""
         self.factor = vae_scale_factor(vae)
         if image_size % self.factor:
             raise UserError(
                 f"data.image_size={image_size} is not a multiple of the VAE's downsampling "
                 f"({self.factor})"
             )
+        check_bucket_factor(sizes, self.factor, "the VAE")
+        # (h, w) of the latents a cache may hold: one per bucket, else the square's.
+        self.latent_sides = {(h // self.factor, w // self.factor) for w, h in sizes or []}
         self._vae = Frozen(vae)
         self.cache = KeyedCache(cache_size)
         self.image_size = image_size
         channels = vae.config.latent_channels if vae is not None else image_channels
         side = image_size // self.factor
-        self.shape = (channels, side, side)  # of one x0
+        self.shape = (channels, side, side)  # of one x0 at data.image_size
+        self.latent_sides = self.latent_sides or {(side, side)}
 
     def __deepcopy__(self, memo: dict) -> LatentEncoder:
         return self
@@ -94,11 +101,13 @@ class LatentEncoder:
                 "data.train_urls at image shards, or set stage.vae to the VAE of the cache"
             )
         moments = batch["latent"].to(device, torch.float32)
-        channels, height, width = self.shape
-        if tuple(moments.shape[1:]) != (2 * channels, height, width):
+        channels = self.shape[0]
+        if moments.shape[1] != 2 * channels or tuple(moments.shape[2:]) not in self.latent_sides:
+            expected = [(2 * channels, *side) for side in sorted(self.latent_sides)]
             raise UserError(
                 f"cached latent moments are {tuple(moments.shape[1:])}, this VAE and "
-                f"data.image_size give {(2 * channels, height, width)}: cache again with the same "
-                "stage.vae and data.image_size (python -m ldm_train.cache_latents)"
+                f"data.image_size (and buckets) give {', '.join(map(str, expected))}: cache again "
+                "with the same stage.vae, data.image_size and buckets "
+                "(python -m ldm_train.cache_latents)"
             )
         return sample_latents(vae, moments_to_distribution(moments), generator)

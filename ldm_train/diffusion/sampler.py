@@ -14,7 +14,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm_train.config import UserError, check_choice
 from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
-from ldm_train.diffusion.upstream import TextEncoder, decode_latents, text_context
+from ldm_train.diffusion.upstream import (
+    TextEncoder,
+    decode_latents,
+    text_context,
+    vae_scale_factor,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,23 @@ class SamplingOptions:
             raise UserError(f"guidance={self.guidance}; need a scale >= 0 (1: no guidance)")
         if self.batch_size < 1:
             raise UserError(f"batch_size={self.batch_size}; need >= 1")
+
+
+def latent_shape(
+    unet: UNet2DConditionModel, vae: AutoencoderKL | None, size: Sequence[int]
+) -> tuple[int, int, int]:
+    """What sample() starts from for images of size (width, height): C x height/f x width/f, f the
+    VAE's downsampling factor (1 in pixel space). Any size whose sides are multiples of f: the
+    U-Net and the VAE are convolutional (diffusers' U-Net resizes its upsampling to odd sides)."""
+    factor = vae_scale_factor(vae)
+    width, height = (int(side) for side in size)
+    if min(width, height) < factor or width % factor or height % factor:
+        near = "x".join(str(max(factor, round(side / factor) * factor)) for side in (width, height))
+        raise UserError(
+            f"size {width}x{height}: width and height must be multiples of {factor}, the VAE's "
+            f"downsampling factor (e.g. {near})"
+        )
+    return (unet.config.in_channels, height // factor, width // factor)
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:

@@ -22,11 +22,13 @@ import open_clip
 import torch
 from omegaconf import DictConfig, OmegaConf
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
+from open_clip.utils import to_2tuple
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ldm_train.clip_eval import IGNORE_LABEL, parse_zero_shot, retrieval_recall
 from ldm_train.config import UserError, check_choice, check_keys
+from ldm_train.data.buckets import letterbox
 from ldm_train.exports.clip import save_clip
 from ldm_train.losses.contrastive import (
     LOSS_KINDS,
@@ -204,12 +206,20 @@ class ClipStage(StageModule):
     def setup(self, stage: str) -> None:
         # Negatives from every rank: the loss gathers features across the process group.
         self.configure_loss(self.global_rank, self.trainer.world_size)
+        if getattr(self.trainer.datamodule, "bucketed", False):
+            # Bucketed batches are letterboxed (normalize): the export's preprocess does the same.
+            self.net.visual.preprocess_cfg["resize_mode"] = "longest"
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         return weight_decay_groups(self.named_parameters())
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return ((images + 1) / 2 - self.image_mean) / self.image_std
+        """[-1, 1] -> the tower's input. Non-square batches (aspect-ratio buckets) are letterboxed
+        into the tower's square (ldm_train.data.buckets.letterbox): open_clip's towers take one
+        fixed size (the ViT's positional grid, the ResNet's attention-pool positions), and a
+        centre crop would cut away what a caption names ("at the top left")."""
+        pixels = letterbox((images + 1) / 2, to_2tuple(self.net.visual.image_size))
+        return (pixels - self.image_mean) / self.image_std
 
     def forward(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         """open_clip's outputs: image_features, text_features (normalised), logit_scale (exp),
