@@ -307,6 +307,7 @@ def test_every_ddp_rank_runs_the_same_steps_with_buckets(tmp_path, tiny_mixed_sh
         "trainer.devices=2",
         "trainer.precision=32-true",
         "trainer.max_steps=7",
+        "trainer.log_every_n_steps=1",
         "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
         f"+callbacks.shapes={{_target_:{__name__}.StepCounter}}",
@@ -319,10 +320,12 @@ def test_every_ddp_rank_runs_the_same_steps_with_buckets(tmp_path, tiny_mixed_sh
     assert {tuple(s[-2:]) for rank in ranks for s in rank} - SHAPES == set()
     assert len({tuple(s[-2:]) for rank in ranks for s in rank}) > 1
     assert math.isfinite(float(last_metric(run_dir, "train/contrastive")))
+    assert float(last_metric(run_dir, "data/bucket_moved")) >= 0  # logged, summed over ranks
 
 
 def last_metric(run_dir: Path, name: str) -> str:
-    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    (metrics,) = (run_dir / "csv").rglob("metrics.csv")
+    rows = metrics.read_text().splitlines()
     header = rows[0].split(",")
     column = header.index(name)
     return [row.split(",")[column] for row in rows[1:] if row.split(",")[column]][-1]
