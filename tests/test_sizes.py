@@ -113,9 +113,9 @@ def test_a_bucketed_cache_keeps_each_latent_at_its_buckets_size(mixed_unet_cfg, 
     info = cache_latents(mixed_unet_cfg(), tmp_path / "cache", part=(0, 4))  # one shard of 4
     assert info["buckets"] == [(32, 48), (32, 32), (48, 32)] and info["samples_written"] == 64
     shard = expand_urls(info["train_urls"])[0]
-    for sample in read_pass([shard], 0, 1, StreamStats()):
-        latent = np.load(io.BytesIO(sample["latent.npy"]))
-        width, height = json.loads(sample["json"])["canvas"]
+    for raw in read_pass([shard], 0, 1, StreamStats()):
+        latent = np.load(io.BytesIO(raw["latent.npy"]))
+        width, height = json.loads(raw["json"])["canvas"]
         assert latent.shape == (8, height // 4, width // 4)  # the tiny VAE: factor 4
     cached = f"data.train_urls='{shard}'"
     metrics, objects = train(mixed_unet_cfg(cached, "trainer.max_steps=2", LOG_SHAPES))
