@@ -82,6 +82,8 @@ class LatentEncoder:
         vae = self.vae(images.device)
         if vae is None or keys is None:
             return encode_images(vae, images, generator)
+        if len(self.latent_sides) > 1:  # buckets: a sample moved to another bucket is another key
+            keys = [f"{key}@{images.shape[-1]}x{images.shape[-2]}" for key in keys]
         distribution = self.cache.lookup(
             keys, lambda indices: latent_distribution(vae, images[indices])
         )
