@@ -24,6 +24,7 @@ from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.data.pipeline import CacheError, StreamStats, read_pass
 from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, sample
 from ldm_train.diffusion.sizes import generate_sized, prompt_sizes, save_rows
+from ldm_train.export import export_checkpoint
 from ldm_train.exports.pipeline import Pipeline
 from ldm_train.train import train
 
@@ -68,9 +69,10 @@ def test_every_stage_trains_on_batches_of_several_shapes(stage, mixed_cfg, unet_
     )
     assert "data/bucket_moved" in metrics and "data/bucket_48x32" in metrics  # fill is logged
     export = objects["export_dir"]
-    if stage == "clip":  # the export letterboxes like training did
-        config = json.loads((export / "open_clip_config.json").read_text())
-        assert config["preprocess_cfg"]["resize_mode"] == "longest"
+    if stage == "clip":  # the export letterboxes like training did, from a checkpoint too
+        for folder in (export, export_checkpoint(objects["run_dir"], export.parent / "again")):
+            config = json.loads((folder / "open_clip_config.json").read_text())
+            assert config["preprocess_cfg"]["resize_mode"] == "longest"
     if stage == "vae":  # a 48x32 image comes back 48x32
         vae = objects["module"].net.eval()
         with torch.no_grad():

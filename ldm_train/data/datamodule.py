@@ -122,11 +122,6 @@ class WebDataModule(L.LightningDataModule):
         self.loader = loader
         self.make_dataset = make_dataset
 
-    @property
-    def bucketed(self) -> bool:
-        """Batches of several shapes (aspect-ratio buckets), each batch of one."""
-        return self.loader.bucketed
-
     @classmethod
     def from_config(cls, data: DictConfig) -> WebDataModule:
         """Build from the `data` config group; unknown keys and bad choices are one-line errors."""

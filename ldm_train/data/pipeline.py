@@ -11,7 +11,9 @@ It is cut into epochs of `batches_per_epoch` batches per rank, so every rank run
 of steps. Its position (pass, samples taken in the pass, batches in the epoch) is checkpointable:
 a resumed run replays the current pass's raw samples without decoding them and goes on with
 exactly the batches the uninterrupted run would have seen. Validation is one finite,
-deterministic pass.
+deterministic pass. With aspect-ratio buckets a batch holds images of one shape
+(ldm_train/data/buckets.py: sizes and crops; bucketing.py: batching, and the held samples' place
+in the stream, which is part of the position).
 
 Decoding one sample, its options and skip counts: ldm_train/data/samples.py.
 """
@@ -28,11 +30,13 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm_train.data.bucketing import BucketBatcher, decode_positions, grouped_batches
+from ldm_train.data.buckets import BucketTransform
 from ldm_train.data.samples import (  # noqa: F401  (names importers take from here)
     LATENT_FLIP_KEY,
     LATENT_KEY,
     TEXT_KEY,
     CacheError,
+    ImageTransform,
     LoaderConfig,
     LoaderUserError,
     NoValidSamplesError,
@@ -43,6 +47,7 @@ from ldm_train.data.samples import (  # noqa: F401  (names importers take from h
     to_rgb,
 )
 
+Transform = ImageTransform | BucketTransform
 # A reader that has decoded nothing after this many samples is reading a broken configuration.
 NO_VALID_SAMPLE_LIMIT = 1000
 
@@ -180,7 +185,9 @@ class TrainStream(IterableDataset):
         order_seed = self._order_seed(pass_index)
         return read_pass(self.urls, slot, slots, self.stats, order_seed, self.cfg.shuffle_buffer)
 
-    def _decode(self, sample: dict, pass_index: int, index: int, transform) -> dict | None:
+    def _decode(
+        self, sample: dict, pass_index: int, index: int, transform: Transform
+    ) -> dict | None:
         # Augmentation drawn from the sample's place in the stream, not a global RNG (made only
         # when there is augmentation to draw: seeding costs as much as a json).
         rng = None
@@ -189,7 +196,7 @@ class TrainStream(IterableDataset):
             rng = random.Random(f"{self._order_seed(pass_index)}-{slot}-{index}")
         return decode_sample(sample, self.cfg, transform, self.stats, rng)
 
-    def _samples(self, transform) -> Iterator[tuple[tuple[int, int], dict]]:
+    def _samples(self, transform: Transform) -> Iterator[tuple[tuple[int, int], dict]]:
         """(position, decoded sample) from the stream's current position on."""
         position, attempts = self.position, 0
         for pass_index in itertools.count(position.pass_index):
@@ -222,7 +229,7 @@ class TrainStream(IterableDataset):
                 yield collate(batch, self.stats)
                 batch = []
 
-    def _bucket_stream(self, transform) -> Iterator[dict]:
+    def _bucket_stream(self, transform: Transform) -> Iterator[dict]:
         if self._held_state is not None:  # resuming: decode the held samples again
             ok, self.stats.replaying = self.stats.ok, True
             held = decode_positions(

@@ -44,7 +44,8 @@ def read_validation(
 def loader_options(data: Mapping[str, Any], image_size: int, batch_size: int = 64) -> LoaderConfig:
     """The loader options of a `data` config section (its other keys ignored), or the defaults at
     image_size when it has none."""
-    known = {f for f in LoaderConfig.__dataclass_fields__ if f in data}
+    # Square centre crops, buckets or not: one tensor of references (features resize anyway).
+    known = {f for f in LoaderConfig.__dataclass_fields__ if f in data and "bucket" not in f}
     options = {key: data[key] for key in known}
     options.setdefault("image_size", image_size)
     options |= {"val_batch_size": batch_size, "num_workers": 0}

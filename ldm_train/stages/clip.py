@@ -14,7 +14,7 @@ import difflib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,10 @@ class ClipStage(StageModule):
         image_std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD,
         export_name: str = "ldm-train-clip",
         perf: Perf | None = None,
+        buckets: Sequence[Sequence[int]] | None = None,
     ):
+        """buckets: the loader's aspect-ratio buckets, (width, height), if on: the non-square
+        batches are letterboxed (normalize), and the export's preprocess says so."""
         super().__init__(optimizer, lr_scheduler, perf)
         check_choice("stage.module.loss", loss, LOSS_KINDS)
         model_cfg = getattr(net, "model_cfg", None)
@@ -162,7 +165,7 @@ class ClipStage(StageModule):
         self.configure_loss(rank=0, world_size=1)
         self.val_loss_fn = build_contrastive_loss(loss)  # per batch, this rank's negatives only
 
-        self._set_normalization(image_mean, image_std)
+        self._set_normalization(image_mean, image_std, letterbox=bool(buckets))
         self.zero_shot = parse_zero_shot(zero_shot)
         self.zero_shot_acc = torch.nn.ModuleDict(
             {
@@ -178,13 +181,17 @@ class ClipStage(StageModule):
         self.val_image_features = CatMetric(nan_strategy="disable")
         self.val_text_features = CatMetric(nan_strategy="disable")
 
-    def _set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def _set_normalization(
+        self, mean: tuple[float, ...], std: tuple[float, ...], letterbox: bool
+    ) -> None:
         """The loader gives [-1, 1]; CLIP towers expect (x - mean) / std on [0, 1]. The same
         mean/std go into the export's preprocess_cfg, so open_clip's preprocess matches."""
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), False)
         size = self.net.visual.image_size
         preprocess = {"size": size, "mean": tuple(mean), "std": tuple(std), **LOADER_PREPROCESS}
+        if letterbox:  # as normalize fits bucketed batches: open_clip's preprocess does the same
+            preprocess["resize_mode"] = "longest"
         set_model_preprocess_cfg(self.net, preprocess)
 
     def _add_siglip_bias(self) -> None:
@@ -206,9 +213,6 @@ class ClipStage(StageModule):
     def setup(self, stage: str) -> None:
         # Negatives from every rank: the loss gathers features across the process group.
         self.configure_loss(self.global_rank, self.trainer.world_size)
-        if getattr(self.trainer.datamodule, "bucketed", False):
-            # Bucketed batches are letterboxed (normalize): the export's preprocess does the same.
-            self.net.visual.preprocess_cfg["resize_mode"] = "longest"
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         return weight_decay_groups(self.named_parameters())
