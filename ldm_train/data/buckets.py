@@ -174,23 +174,3 @@ def refit(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     )[0].to(tensor.dtype)
     left, top = crop_box((new_width, new_height), (width, height), None)
     return resized[:, top : top + height, left : left + width]
-
-
-def letterbox(pixels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """B x C x H x W in [0, 1] -> B x C x size[0] x size[1]: resized keeping the ratio until it
-    fits, the rest padded with 0 around it. What open_clip's preprocess does with
-    resize_mode="longest" (ResizeKeepRatio(longest=1) + CenterCropOrPad, fill 0), on tensors:
-    the whole image stays in view. Inputs of that size pass unchanged."""
-    from open_clip.transform import center_crop_or_pad  # here: the loader needs no open_clip
-
-    height, width = pixels.shape[-2:]
-    if (height, width) == tuple(size):
-        return pixels
-    scale = min(size[0] / height, size[1] / width)
-    resized = F.interpolate(
-        pixels,
-        size=(max(1, round(height * scale)), max(1, round(width * scale))),
-        mode="bilinear",
-        antialias=True,
-    )
-    return center_crop_or_pad(resized, list(size), fill=0)

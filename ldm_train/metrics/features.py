@@ -19,7 +19,6 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ldm_train.config import UserError, check_choice
-from ldm_train.data.buckets import letterbox
 from ldm_train.exports.clip import LoadedClip, read_weights
 
 FeatureKind = Literal["clip", "inception"]
@@ -30,8 +29,7 @@ INCEPTION_EXTRA = "metrics"  # the optional extra that brings torch-fidelity
 
 class ClipImageFeatures(torch.nn.Module):
     """The image tower of a CLIP, its preprocessing done on tensors: resize (the shortest side to
-    the tower's size, then a centre crop; "squash" folders: straight to the size; "longest":
-    letterboxed) and normalise."""
+    the tower's size, then a centre crop; "squash" folders: straight to the size) and normalise."""
 
     def __init__(self, clip: LoadedClip):
         super().__init__()
@@ -39,7 +37,7 @@ class ClipImageFeatures(torch.nn.Module):
         size = self.visual.image_size
         self.size = [size, size] if isinstance(size, int) else list(size)
         preprocess = getattr(self.visual, "preprocess_cfg", None) or {}
-        self.resize_mode = preprocess.get("resize_mode", "shortest")
+        self.squash = preprocess.get("resize_mode") == "squash"
         self.interpolation = TF.InterpolationMode(preprocess.get("interpolation", "bicubic"))
         # Plain tensors, moved per call: the tower may have been moved with the whole CLIP.
         self.mean = torch.tensor(clip.mean).view(1, 3, 1, 1)
@@ -48,13 +46,9 @@ class ClipImageFeatures(torch.nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         pixels = (images.float() + 1) / 2
-        if self.resize_mode == "longest":  # a bucketed CLIP's: letterboxed, as it trained
-            pixels = letterbox(pixels, self.size).clamp(0, 1)
-        else:
-            squash = self.resize_mode == "squash"
-            resize_to = self.size if squash else [min(self.size)]
-            pixels = TF.resize(pixels, resize_to, self.interpolation, antialias=True)
-            pixels = TF.center_crop(pixels, self.size).clamp(0, 1)
+        resize_to = self.size if self.squash else [min(self.size)]
+        pixels = TF.resize(pixels, resize_to, self.interpolation, antialias=True)
+        pixels = TF.center_crop(pixels, self.size).clamp(0, 1)
         return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
 
     @torch.no_grad()
