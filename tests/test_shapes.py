@@ -109,6 +109,41 @@ def test_render_stays_inside_and_in_the_named_place(image_size):
         assert (side(box_x), side(box_y)) == EXPECTED_SIDES[position], attrs
 
 
+@pytest.mark.parametrize("width,height", [(48, 32), (32, 48), (64, 32)])
+def test_non_square_canvases_keep_shapes_inside_in_place_and_sized_by_the_shorter_side(
+    width, height
+):
+    for shape, size, position, jitter in itertools.product(
+        SHAPES, SIZES, POSITIONS, itertools.product((-1.0, 1.0), repeat=2)
+    ):
+        attrs = dict(shape=shape, colour="white", size=size, position=position)
+        attrs.update(background="black", jitter=list(jitter))
+        image = render(attrs, width, height)
+        assert image.size == (width, height)
+        mask = shape_mask(image, "black")
+        assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+        rows, cols = np.nonzero(mask)
+        box = (
+            (cols.min() + cols.max() + 1) / 2 / width,
+            (rows.min() + rows.max() + 1) / 2 / height,
+        )
+        assert (side(box[0]), side(box[1])) == EXPECTED_SIDES[position], attrs
+        if shape == "circle":  # round, not stretched with the canvas
+            assert abs((cols.max() - cols.min()) - (rows.max() - rows.min())) <= 1
+
+
+def test_canvases_are_drawn_per_sample_and_leave_the_attributes_as_they_were(dataset, tmp_path):
+    canvases = [[32, 32], [48, 32], [32, 48]]
+    mixed = make_shapes_dataset(tmp_path / "mixed", progress=False, canvases=canvases, **SMALL)
+    samples, square = read_split(mixed, "train"), read_split(dataset, "train")
+    sizes = [decode_png(s["png"]).size for s in samples]
+    assert set(sizes) == {(32, 32), (48, 32), (32, 48)}
+    for sample, plain, size in zip(samples, square, sizes, strict=True):
+        meta = json.loads(sample["json"])
+        assert tuple(meta.pop("canvas")) == size
+        assert meta == json.loads(plain["json"]) and sample["txt"] == plain["txt"]
+
+
 def test_small_and_large_differ_in_area():
     attrs = dict(shape="square", colour="red", position="center", background="blue")
     small = shape_mask(render({**attrs, "size": "small"}, 32), "blue").mean()
