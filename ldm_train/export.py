@@ -45,7 +45,7 @@ def export_checkpoint(target: str | Path, out_dir: str | Path | None = None) -> 
         )
     cfg = OmegaConf.load(run.config)
     module = instantiate(cfg.stage.module)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # never runs code
     module.load_state_dict(state["state_dict"])
     exported = module.export(Path(out_dir) if out_dir else run.export)
     if exported is None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,7 @@ import open_clip
 import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from ldm_train.config import UserError, check_choice
 
@@ -226,10 +229,24 @@ def text_encoder_folders(path: str | Path) -> tuple[Path, Path] | None:
     )
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers 5 draws a progress bar for every model it loads: noise on a CLI's stderr."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder_folders(
     model_dir: Path, tokenizer_dir: Path
 ) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """Read both, from disk only; float32 as our own encoders (fp16 folders are upcast)."""
-    text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True).float().eval()
+    with quiet_progress():
+        text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+    text_model = text_model.float().eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     return text_model, tokenizer
