@@ -66,7 +66,7 @@ def unet_net(net: DictConfig, pretrained: str | None = None) -> Any:
     if pretrained is None:
         return build(net)
     folder = model_folder(pretrained, "unet", UNet2DConditionModel)
-    return marked(UNet2DConditionModel.from_pretrained(folder, **FROM_DISK), folder)
+    return marked(read_model(UNet2DConditionModel, folder), folder)
 
 
 def vae_net(net: DictConfig, pretrained: str | None = None) -> AutoencoderKL:
@@ -74,7 +74,7 @@ def vae_net(net: DictConfig, pretrained: str | None = None) -> AutoencoderKL:
     if pretrained is None:
         return build(net)
     folder = model_folder(pretrained, "vae", AutoencoderKL)
-    return marked(AutoencoderKL.from_pretrained(folder, **FROM_DISK), folder)
+    return marked(read_model(AutoencoderKL, folder), folder)
 
 
 def clip_net(
@@ -131,6 +131,15 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
     if name != cls.__name__:
         raise UserError(f"model.pretrained={path}: {config} is a {name}; {accepted}")
     return folder
+
+
+def read_model(cls: type, folder: Path) -> Any:
+    """cls.from_pretrained(folder) from disk in float32; a folder without its weights file is a
+    one-line error."""
+    try:
+        return cls.from_pretrained(folder, **FROM_DISK)
+    except OSError as error:  # diffusers: "Error no file named diffusion_pytorch_model.bin ..."
+        raise UserError(f"model.pretrained: {folder}: {str(error).splitlines()[0]}") from error
 
 
 def marked(net: torch.nn.Module, source: str | Path, architecture: str = OWN_CONFIG) -> Any:

@@ -240,3 +240,13 @@ def test_exported_weights_are_safetensors(trained):
         files = [p.name for p in (export / part).iterdir() if p.suffix in (".bin", ".safetensors")]
         assert files and all(name.endswith(".safetensors") for name in files), files
         safetensors.torch.load_file(export / part / files[0])
+
+
+@pytest.mark.parametrize("part", ["unet", "tokenizer"])
+def test_index_paths_stay_inside_the_export(trained, part, tmp_path):
+    export = shutil.copytree(trained[1], tmp_path / "export")
+    shutil.copytree(export / part, tmp_path / "elsewhere")
+    index = json.loads((export / "ldm_train_pipeline.json").read_text())
+    (export / "ldm_train_pipeline.json").write_text(json.dumps({**index, part: "../elsewhere"}))
+    with pytest.raises(UserError, match=f"{part}='../elsewhere' is not a folder inside the export"):
+        Pipeline.load(export)

@@ -6,6 +6,7 @@ one line. SD's transformers text encoder also feeds the latent cache."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -151,12 +152,15 @@ def one_line_error(cfg) -> str:
 
 def test_wrong_kinds_and_misfits_are_one_line_errors(tiny_sd, make_cfg, tmp_path):
     sd = tiny_sd[1]
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(sd / "vae" / "config.json", tmp_path / "config_only")
     for stage, source, expected in [
         ("unet", sd / "vae", "is a AutoencoderKL; stage=unet takes a UNet2DConditionModel folder"),
         ("vae", sd / "unet", "is a UNet2DConditionModel; stage=vae takes a AutoencoderKL folder"),
         ("unet", tmp_path / "missing", "nothing there nor in unet/"),
         ("vae", sd / "text_encoder", "is a clip_text_model; stage=vae takes"),
         ("clip", tmp_path / "missing", "not a CLIP export"),
+        ("vae", tmp_path / "config_only", "no file named diffusion_pytorch_model"),
     ]:
         overrides = [f"stage.vae={sd}", f"stage.text_encoder={sd}"] if stage == "unet" else []
         cfg = make_cfg(f"stage={stage}", *overrides, f"model.pretrained={source}")

@@ -189,16 +189,30 @@ def keep_layers(text_model: CLIPTextModel, layers: int) -> CLIPTextModel:
     return text_model
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers 5 draws a progress bar whenever it loads or saves a model: noise on a CLI's
+    stderr."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_text_encoder(text_model: CLIPTextModel, tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Write a pipeline's text_encoder/ and tokenizer/ into folder, in the layout every
     transformers version and SD's checkpoint converters read: weights named text_model.* (as
     transformers 4 writes them; 5 drops the prefix and reads both), vocab.json + merges.txt
     besides tokenizer.json (transformers 4's slow CLIPTokenizer reads only those)."""
     weights = transformer(text_model).state_dict()
-    text_model.save_pretrained(
-        Path(folder) / TEXT_ENCODER_DIR,
-        state_dict={f"text_model.{k}": v for k, v in weights.items()},
-    )
+    with quiet_progress():
+        text_model.save_pretrained(
+            Path(folder) / TEXT_ENCODER_DIR,
+            state_dict={f"text_model.{k}": v for k, v in weights.items()},
+        )
     tokenizer_dir = Path(folder) / TOKENIZER_DIR
     tokenizer.save_pretrained(tokenizer_dir)
     if not (tokenizer_dir / "vocab.json").is_file():
@@ -227,18 +241,6 @@ def text_encoder_folders(path: str | Path) -> tuple[Path, Path] | None:
         f"no tokenizer for the text encoder in {model_dir}: expected "
         f"{' or '.join(TOKENIZER_FILES)} in {' or '.join(map(str, candidates))}"
     )
-
-
-@contextmanager
-def quiet_progress() -> Iterator[None]:
-    """transformers 5 draws a progress bar for every model it loads: noise on a CLI's stderr."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_text_encoder_folders(
