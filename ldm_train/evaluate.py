@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ldm_train import quiet
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.export import export_checkpoint, find_checkpoint
@@ -219,6 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         for option in ("n", "max_reference", "max_prompts", "batch_size"):
             if getattr(args, option) < 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ldm_train import quiet
 from ldm_train.callbacks.images import image_grid
 from ldm_train.config import UserError
 from ldm_train.exports.pipeline import Pipeline
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         if args.n < 1:
             raise UserError(f"--n {args.n}: need at least 1 image per prompt")
