@@ -3,10 +3,14 @@ tiny random upstream exports (VAE, CLIP) for stage=unet, and the runner of the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -233,3 +237,52 @@ def start_cli() -> Callable[..., subprocess.Popen]:
         )
 
     return start
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A TCP port free on localhost now (for a process group's rendezvous)."""
+
+    def find() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def run_together() -> Callable[..., list[tuple[int, str]]]:
+    """run_together([(args, env), ...], cwd, timeout=300): `python <args>` for each at once (the
+    ranks or nodes of one job), waited for together; [(return code, output)]. On a timeout each
+    is killed with its children (torchrun's workers) and the test fails: a hung collective fails
+    its test, not the whole suite."""
+
+    def run(commands: Sequence[tuple[Sequence[str], dict]], cwd: Path, timeout: float = 300):
+        processes = [
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=cwd,
+                env=cli_env(**env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # its own process group: killed with its children
+            )
+            for args, env in commands
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            outputs = [
+                p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in processes
+            ]
+            return [(p.returncode, output) for p, output in zip(processes, outputs, strict=True)]
+        except subprocess.TimeoutExpired:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            outputs = [process.communicate()[0][-3000:] for process in processes]
+            pytest.fail(f"timed out after {timeout} s:\n" + "\n".join(outputs))
+
+    return run
