@@ -89,34 +89,41 @@ def measure_rows(rows: list[str], work: Path, dry: bool, deadline: float) -> dic
                 results |= {r: {"status": "skipped", "note": "over the --budget"} for r in todo}
                 break
             process, lines = start_child(todo, work, dry, log)
-            results |= follow_child(process, lines, todo, deadline, log)
+            results |= follow_child(lines, todo, deadline, log)
             if process.poll() is None:  # cut off: with whatever it started
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return results
 
 
-def follow_child(process, lines: queue.Queue, todo: list[str], deadline: float, log) -> dict:
+def follow_child(lines: queue.Queue, todo: list[str], deadline: float, log) -> dict:
     """The rows one child reports until it ends, fails or a row overruns its time."""
     results, current, started, row_end = {}, None, time.monotonic(), deadline
     while True:
         try:
             line = lines.get(timeout=max(0.1, row_end - time.monotonic()))
         except queue.Empty:
-            note = f"timed out after {row_end - started:.0f} s" if current else "no start"
+            cut = "cut off by the --budget" if row_end >= deadline else "timed out"
+            note = f"{cut} after {time.monotonic() - started:.0f} s"
             results[current or todo[0]] = {"status": "failed", "note": note}
             return results
-        if line is None:  # the child ended: a row it started and never reported crashed it
-            if current:
-                results[current] = {"status": "failed", "note": "the process died (see logs)"}
+        if line is None:  # the child ended: the row it was on crashed it
+            failed = current or (todo[0] if not results else None)
+            if failed:
+                results[failed] = {
+                    "status": "failed",
+                    "note": "its process died (logs/measure.log)",
+                }
             return results
         if line.startswith("@@start "):
             current, started = line.split()[1], time.monotonic()
-            limit = ROW_TIMEOUT.get(current, DEFAULT_ROW_TIMEOUT)
-            row_end = min(started + limit, deadline)
+            row_end = min(started + ROW_TIMEOUT.get(current, DEFAULT_ROW_TIMEOUT), deadline)
         elif line.startswith("@@row "):
             row = json.loads(line[len("@@row ") :])
-            results[row.pop("name")], current, row_end = row, None, deadline
+            name = row.pop("name")
+            results[name], current, row_end = row, None, deadline
+            rate = cell(row.get("images_per_s"), ".1f", " images/s")
+            print(f"  {name}: {row['status']} {rate} {row.get('note', '')}", flush=True)
         else:
             log.write(line)
 

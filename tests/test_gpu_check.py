@@ -3,11 +3,15 @@ presets and a few steps, so that the check cannot rot before a GPU runs it."""
 
 from __future__ import annotations
 
+import io
 import json
+import queue
+import time
 
 import pytest
 import torch
 
+from benchmarks import gpu
 from benchmarks.gpu import main
 from benchmarks.gpu_measure import ROWS, peak_flops
 from benchmarks.gpu_smoke import reason
@@ -78,3 +82,29 @@ def test_a_failed_run_is_summed_up_by_its_cause_not_its_consequences():
     assert reason(output) == "RuntimeError: mat2 must be a matrix, got 1-D tensor"
     nccl = "ncclInvalidUsage ...\nLast error:\nDuplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000"
     assert reason(nccl).startswith("Duplicate GPU detected : rank 1 and rank 0")
+
+
+def reported(*lines: str | None) -> queue.Queue:
+    """What a measuring child has printed so far (None: it has exited)."""
+    printed: queue.Queue = queue.Queue()
+    for line in lines:
+        printed.put(line)
+    return printed
+
+
+def test_a_row_that_hangs_crashes_or_overruns_the_budget_becomes_one_failed_row(monkeypatch):
+    done = '@@row {"name": "vae", "status": "ok", "images_per_s": 5.0}\n'
+    log = io.StringIO()
+    soon = time.monotonic() + 0.3
+    results = gpu.follow_child(reported("@@start vae\n", done, "@@start clip\n"), [], soon, log)
+    assert results["vae"]["status"] == "ok"
+    assert results["clip"]["note"].startswith("cut off by the --budget")
+    monkeypatch.setattr(gpu, "DEFAULT_ROW_TIMEOUT", 0.2)
+    later = time.monotonic() + 60
+    hung = gpu.follow_child(reported("Lightning says hi\n", "@@start clip\n"), [], later, log)
+    assert hung["clip"]["note"].startswith("timed out after")
+    crashed = gpu.follow_child(reported("@@start clip\n", None), ["clip"], later, log)
+    assert crashed["clip"]["note"].startswith("its process died")
+    died_at_start = gpu.follow_child(reported(None), ["vae", "clip"], later, log)
+    assert list(died_at_start) == ["vae"]
+    assert log.getvalue() == "Lightning says hi\n"
