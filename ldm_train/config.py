@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import OverrideType
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,6 +59,21 @@ def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None
             )
 
 
+def check_group_choice(override: Override) -> None:
+    """group=choice naming no file of conf/<group>/: a UserError listing the choices next to it
+    (Hydra's own message lists them only for top-level choices, not e.g. model=vae/huge)."""
+    group, value = override.key_or_group.split("@")[0], override.value()
+    if group.startswith("hydra") or not isinstance(value, str):
+        return  # Hydra's own groups (plugins add choices), null, sweeps and deletions
+    folder = config_dir() / group
+    if (folder / f"{value}.yaml").is_file():
+        return
+    near = folder / Path(value).parent
+    choices = sorted((near if near.is_dir() else folder).rglob("*.yaml"))
+    names = [str(path.relative_to(folder).with_suffix("")) for path in choices]
+    raise UserError(f"{override.input_line}: no such {group}; choose one of: {', '.join(names)}")
+
+
 def check_overrides(argv: Sequence[str]) -> None:
     """Before Hydra runs: an override of a key that does not exist is a UserError that lists the
     valid keys at that level (Hydra itself only says the key is not in the struct)."""
@@ -69,6 +84,7 @@ def check_overrides(argv: Sequence[str]) -> None:
         return  # Hydra reports syntax errors itself
     groups = [o for o in overrides if (config_dir() / o.key_or_group.split("@")[0]).is_dir()]
     for override in groups:
+        check_group_choice(override)
         plugin = PLUGIN_CHOICES.get((override.key_or_group, str(override.value())))
         if plugin and importlib.util.find_spec(plugin[0]) is None:
             raise UserError(

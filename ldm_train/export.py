@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm_train.config import UserError
 from ldm_train.rundir import RunDir
+from ldm_train.safety import check_targets, load_checkpoint
 
 log = logging.getLogger("ldm_train.export")
 
@@ -34,8 +34,11 @@ def find_checkpoint(target: Path) -> Path:
     return target
 
 
-def export_checkpoint(target: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export the stage saved in `target`; returns the export folder."""
+def export_checkpoint(
+    target: str | Path, out_dir: str | Path | None = None, allow: Sequence[str] = ()
+) -> Path:
+    """Export the stage saved in `target`; returns the export folder. allow: `_target_` names (or
+    "package." prefixes) of the run's config to trust beyond ldm_train.safety's rules."""
     ckpt = find_checkpoint(Path(target))
     run = RunDir.of_checkpoint(ckpt)
     if not run.config.is_file():
@@ -44,8 +47,10 @@ def export_checkpoint(target: str | Path, out_dir: str | Path | None = None) -> 
             f"{run.checkpoints.name}/ folder, beside the config that trained it"
         )
     cfg = OmegaConf.load(run.config)
+    # A run folder is a file anyone can send: its config builds only what a stage is built from.
+    check_targets(cfg.stage.module, run.config, allow, prefix="stage.module")
+    state = load_checkpoint(ckpt)
     module = instantiate(cfg.stage.module)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     exported = module.export(Path(out_dir) if out_dir else run.export)
     if exported is None:
@@ -57,10 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_train.export", description=__doc__)
     parser.add_argument("target", help="a run directory (uses its last checkpoint) or a .ckpt file")
     parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+    parser.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        help="trust this _target_ of the run's config (a name, or a prefix ending in '.')",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        print(f"exported to {export_checkpoint(args.target, args.out)}")
+        print(f"exported to {export_checkpoint(args.target, args.out, args.allow_target)}")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ id; train, export, the chain and the tests ask it.
       checkpoints/step<N>.ckpt         every checkpoint_every_n_steps (newest keep_last_checkpoints)
       export/                          what later stages and users load
       wandb_run_id                     the W&B run a resumed run continues
+      run.lock                         held while a run writes here (pid, host)
 
 The config spells another stage's export as ${run_export:vae} (a resolver registered here), so the
 layout is written down once.
@@ -14,12 +15,19 @@ layout is written down once.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.errors import UserError
 
@@ -30,7 +38,39 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 EXPORT = "export"
 WANDB_ID = "wandb_run_id"
-RESUME_MODES = ("auto", "never")
+LOCK = "run.lock"
+# auto: continue from the newest checkpoint that loads, refusing a changed config; force: continue
+# even so; never: start afresh (earlier checkpoints moved aside).
+RESUME_MODES = ("auto", "force", "never")
+# What a resumed run must keep to be the same run (config sections and trainer keys); keys under
+# them that may change between a run and its resume (they do not change what is trained).
+SAME_RUN = (
+    "seed",
+    "model",
+    "stage",
+    "data",
+    "optimizer",
+    "lr_scheduler",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+)
+MAY_CHANGE = (
+    "lr_scheduler.training_steps",  # follows trainer.max_steps, which a resume may raise
+    "stage.module.lr_scheduler.training_steps",
+    "stage.module.perf",  # speed switches: the same training, faster
+    "data.num_workers",
+    # what validation looks at, not what trains
+    "data.val_urls",
+    "data.val_batch_size",
+    "data.prompts",
+    "data.zero_shot",
+    "stage.module.validation",
+    "stage.module.zero_shot",
+    "stage.module.grid_images",
+    "stage.chain",
+    "stage.evaluate",
+)
 
 
 @dataclass(frozen=True)
@@ -91,15 +131,30 @@ class RunDir:
                 )
             return str(ckpt_path)
         if resume == "never":
-            self.set_checkpoints_aside()
+            if rank_zero_only.rank == 0:  # other ranks' processes start later: nothing to move
+                self.set_checkpoints_aside()
             return None
-        candidates = [self.last_checkpoint, *self.path.glob("hpc_ckpt_*.ckpt")]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            return None
-        newest = max(found, key=lambda p: p.stat().st_mtime)
-        log.info("resume=auto: continuing from %s", newest)
-        return str(newest)
+        candidates = [
+            self.last_checkpoint,
+            *self.path.glob("hpc_ckpt_*.ckpt"),
+            *self.checkpoints.glob("step*.ckpt"),
+        ]
+        skipped = []
+        for path in sorted(
+            (p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+        ):
+            problem = unreadable(path)
+            if problem is None:
+                also = f" (skipped {'; '.join(skipped)})" if skipped else ""
+                log.info("resume=%s: continuing from %s%s", resume, path, also)
+                return str(path)
+            skipped.append(f"{path.name}: {problem}")
+        if skipped:
+            raise UserError(
+                f"resume: no checkpoint in {self.checkpoints} loads ({'; '.join(skipped)}); "
+                "rerun with resume=never to start afresh (they are moved aside, not deleted)"
+            )
+        return None
 
     def set_checkpoints_aside(self) -> None:
         """Move earlier checkpoints out of the way of a new run's ModelCheckpoint."""
@@ -107,6 +162,108 @@ class RunDir:
             kept = self.checkpoints.with_name(f"{CHECKPOINTS}-{time.strftime('%Y%m%d-%H%M%S')}")
             self.checkpoints.rename(kept)
             log.info("resume=never: moved the earlier checkpoints to %s", kept)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held while a run writes here: a second run into a live run directory is refused; the
+        lock of a process that is gone (kill -9, a crash) is taken over with a message."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock, mine = self.path / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                with open(lock, "x") as f:  # exclusive create: one winner
+                    json.dump(mine | {"started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+                break
+            except FileExistsError:
+                take_over_if_stale(lock, mine)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def check_same_run(self, cfg: DictConfig, resume: str) -> None:
+        """A resumed run continues the run its config.yaml describes: changed settings are a
+        different run, refused (listing them) unless resume=force."""
+        if resume == "force" or not self.config.is_file():
+            return
+        changed = config_changes(OmegaConf.load(self.config), cfg)
+        if changed:
+            shown = ", ".join(changed[:6]) + (
+                f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            )
+            raise UserError(
+                f"resuming {self.path} with other settings than it was trained with ({shown}): "
+                "resume=force continues anyway, resume=never starts afresh, or pick another "
+                "experiment_name"
+            )
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (truncated, empty, not ours), or None. mmap reads
+    only the file's index and pickled structure, not its tensors."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any failure means: not this one
+        return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    return (
+        None if isinstance(state, dict) and "global_step" in state else "not a training checkpoint"
+    )
+
+
+def take_over_if_stale(lock: Path, mine: dict) -> None:
+    """Remove the lock if its process is gone (on this host); else refuse in one line."""
+    try:
+        holder = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    pid, host = holder.get("pid"), holder.get("host")
+    if host == mine["host"] and isinstance(pid, int) and not process_alive(pid):
+        log.warning(
+            "%s: taking over the lock of pid %d, which is no longer running", lock.parent, pid
+        )
+        lock.unlink(missing_ok=True)
+        return
+    raise UserError(
+        f"{lock.parent} is in use by another run (pid {pid} on {host}, since "
+        f"{holder.get('started')}): wait for it, or give this run its own experiment_name or "
+        f"paths.run_dir; if that run is gone, delete {lock}"
+    )
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, object]:
+    items: dict[str, object] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            items |= flatten(value, f"{name}.")
+        else:
+            items[name] = value
+    return items
+
+
+def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
+    """Keys of the SAME_RUN sections whose values differ ("key: old -> new")."""
+    old, new = (flatten(OmegaConf.to_container(c, resolve=True)) for c in (saved, current))
+    keys = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if any(key == s or key.startswith(f"{s}.") for s in SAME_RUN)
+        and not any(key == m or key.startswith(f"{m}.") for m in MAY_CHANGE)
+        and old.get(key) != new.get(key)
+    )
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
 
 
 def run_export(stage: str, *, _root_) -> str:

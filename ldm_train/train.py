@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -20,6 +21,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train import quiet
+from ldm_train.checks import check_values
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.distributed import export_stage
@@ -43,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("resume", cfg.resume, RESUME_MODES)
     trainer_keys = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     check_keys("trainer", [k for k in cfg.trainer if k != "_target_"], trainer_keys)
+    check_values(cfg)
 
 
 def wandb_has_credentials() -> bool:
@@ -146,15 +150,23 @@ def build_strategy(module: L.LightningModule, spec: Any) -> Any:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train the stage cfg.stage.name; return (final metrics, the objects built)."""
+    quiet.install(cfg)
     if cfg.stage.name == "all":
         raise UserError("stage=all is the chain of stages: run it with ldm_train.chain.train_chain")
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = RunDir(cfg.paths.run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
-    OmegaConf.save(cfg, run.config, resolve=True)
+    # Rank 0 holds the run directory (the processes a launcher starts for other ranks join it).
+    with run.lock() if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
+        if ckpt_path is not None:
+            run.check_same_run(cfg, cfg.resume)
+        OmegaConf.save(cfg, run.config, resolve=True)
+        return fit(cfg, run, ckpt_path)
 
+
+def fit(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> tuple[dict, dict]:
+    """Build the data, the stage, the logger and the trainer; fit (from ckpt_path); export."""
     datamodule = WebDataModule.from_config(cfg.data)
     module = build(cfg.stage.module)
     logger = build_logger(cfg, resuming=ckpt_path is not None)
@@ -167,7 +179,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is read without unpickling code (ours hold tensors and values).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # the next stage in this process starts its own W&B run

@@ -223,9 +223,12 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def start_cli() -> Callable[..., subprocess.Popen]:
-    """start_cli(args, cwd, **env): `python <args>` in the background, stdout and stderr merged."""
+    """start_cli(args, cwd, new_session=False, **env): `python <args>` in the background, stdout
+    and stderr merged; new_session: in a process group of its own (for os.killpg)."""
 
-    def start(args: Sequence[str], cwd: Path, **env: str) -> subprocess.Popen:
+    def start(
+        args: Sequence[str], cwd: Path, new_session: bool = False, **env: str
+    ) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,
@@ -234,9 +237,25 @@ def start_cli() -> Callable[..., subprocess.Popen]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
 
     return start
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    """wait_for(path, process, timeout=120): until the file appears; fails if the process ends
+    first (showing its output) or the time runs out."""
+
+    def wait(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.is_file():
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, f"{path} never appeared"
+            time.sleep(0.05)
+
+    return wait
 
 
 @pytest.fixture(scope="session")
@@ -252,26 +271,15 @@ def free_port() -> Callable[[], int]:
 
 
 @pytest.fixture(scope="session")
-def run_together() -> Callable[..., list[tuple[int, str]]]:
+def run_together(start_cli) -> Callable[..., list[tuple[int, str]]]:
     """run_together([(args, env), ...], cwd, timeout=300): `python <args>` for each at once (the
     ranks or nodes of one job), waited for together; [(return code, output)]. On a timeout each
     is killed with its children (torchrun's workers) and the test fails: a hung collective fails
     its test, not the whole suite."""
 
     def run(commands: Sequence[tuple[Sequence[str], dict]], cwd: Path, timeout: float = 300):
-        processes = [
-            subprocess.Popen(
-                [sys.executable, *args],
-                cwd=cwd,
-                env=cli_env(**env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,  # its own process group: killed with its children
-            )
-            for args, env in commands
-        ]
+        # each in its own process group: killed with its children
+        processes = [start_cli(args, cwd, new_session=True, **env) for args, env in commands]
         deadline = time.monotonic() + timeout
         try:
             outputs = [

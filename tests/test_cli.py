@@ -44,7 +44,7 @@ def test_unknown_stage_lists_valid_stages(tmp_path, run_cli):
 def test_user_error_is_one_line_with_exit_code_2(tmp_path, run_cli):
     result = run_cli(["-m", "ldm_train", "resume=sometimes", "logger=none"], tmp_path, check=False)
     assert result.returncode == 2
-    assert "resume='sometimes' is not valid; choose one of: auto, never" in result.stderr
+    assert "resume='sometimes' is not valid; choose one of: auto, force, never" in result.stderr
     assert "Traceback" not in result.stderr
 
 

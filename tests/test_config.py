@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import time
+
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ldm_train.config import UserError, check_overrides, compose_config, config_dir
+from ldm_train.config import UserError, compose_config, config_dir
 from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.rundir import RunDir
 from ldm_train.train import validate
@@ -98,7 +104,7 @@ def test_unknown_trainer_option_lists_valid_ones():
 
 
 def test_bad_resume_mode_is_a_one_line_error():
-    with pytest.raises(UserError, match="resume='sometimes'.*auto, never"):
+    with pytest.raises(UserError, match="resume='sometimes'.*auto, force, never"):
         validate(compose_config(["resume=sometimes"]))
 
 
@@ -111,7 +117,7 @@ def test_missing_ckpt_path_names_the_path(tmp_path):
 def test_resume_auto_finds_last_and_never_keeps_old_checkpoints(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    (checkpoints / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 3}, checkpoints / "last.ckpt")
     run = RunDir(tmp_path)
     assert (
         run.resume_checkpoint("auto") == str(checkpoints / "last.ckpt") == str(run.last_checkpoint)
@@ -122,21 +128,55 @@ def test_resume_auto_finds_last_and_never_keeps_old_checkpoints(tmp_path):
     assert not checkpoints.exists()
 
 
-def test_unknown_override_lists_the_valid_keys_at_its_level():
-    with pytest.raises(
-        UserError, match=r"model\.kl_wieght \(did you mean model\.kl_weight\?\).*lr"
-    ):
-        check_overrides(["stage=vae", "model.kl_wieght=1"])
-    with pytest.raises(UserError, match=r"seeed \(did you mean seed\?\).*\+seeed="):
-        check_overrides(["seeed=3"])
+def test_resume_skips_a_damaged_last_checkpoint_for_the_newest_that_loads(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    run.checkpoints.mkdir()
+    for step in (2, 4):
+        torch.save({"global_step": step}, run.checkpoints / f"step{step:08d}.ckpt")
+        time.sleep(0.01)  # newest by modification time
+    good = run.checkpoints / "step00000004.ckpt"
+    torch.save({"global_step": 6}, run.last_checkpoint)
+    run.last_checkpoint.write_bytes(run.last_checkpoint.read_bytes()[:100])  # a kill during a copy
+    with caplog.at_level("INFO", logger="ldm_train.rundir"):
+        assert run.resume_checkpoint("auto") == str(good)
+    assert "skipped last.ckpt" in caplog.text
+    run.last_checkpoint.write_bytes(b"")  # a full disk
+    assert run.resume_checkpoint("auto") == str(good)
+    run.last_checkpoint.unlink()  # deleted: the step files are still found
+    assert run.resume_checkpoint("auto") == str(good)
+    for path in run.checkpoints.iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint in .* loads .*resume=never"):
+        run.resume_checkpoint("auto")
 
 
-def test_valid_overrides_pass_the_check():
-    check_overrides(
-        ["stage=vae", "model.kl_weight=1", "data.image_size=64", "+trainer.profiler=simple"]
-    )
-    check_overrides(["stage=vae,clip", "model.lr=1e-3,3e-4"])  # sweeps: Hydra checks each job
-    check_overrides(["experiment=shapes_64", "trainer.max_steps=3", "--cfg", "job"])
+def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    second = pytest.raises(UserError, match="in use by another run .* delete")
+    with run.lock(), second, run.lock():
+        pass
+    assert not (tmp_path / "run.lock").exists()  # released
+    # A lock whose process is gone (kill -9) is taken over, with a message.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with caplog.at_level("WARNING", logger="ldm_train.rundir"), run.lock():
+        assert f"lock of pid {dead.pid}" in caplog.text
+
+
+def test_resuming_with_other_settings_lists_them_and_needs_force(make_cfg):
+    cfg = make_cfg("stage=vae")
+    run = RunDir(cfg.paths.run_dir)
+    run.path.mkdir(parents=True)
+    OmegaConf.save(cfg, run.config, resolve=True)
+    run.check_same_run(make_cfg("stage=vae", "trainer.max_steps=100", "data.num_workers=1"), "auto")
+    changed = make_cfg("stage=vae", "model.lr=0.5", "data.image_size=16")
+    with pytest.raises(UserError) as error:
+        run.check_same_run(changed, "auto")
+    message = str(error.value)
+    assert "model.lr: 0.002 -> 0.5" in message and "data.image_size: 32 -> 16" in message
+    assert "resume=force" in message and "\n" not in message
+    run.check_same_run(changed, "force")
 
 
 def test_the_run_directory_layout_has_one_home(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 import tarfile
 import threading
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
 
 from ldm_train.config import UserError
+from ldm_train.data import samples
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist, expand_urls
 from ldm_train.data.pipeline import LoaderConfig, NoValidSamplesError, build_pipeline, to_rgb
 
@@ -199,6 +202,8 @@ BAD_SAMPLES = {
     "caption not utf-8": {"png": png(), "txt": b"caf\xe9 \xff\xfe"},
     "json caption not a str": {"png": png(), "json": b'{"caption": 3}'},
     "no image": {"txt": b"a caption"},
+    # json.loads raises RecursionError (not a ValueError) on nesting this deep.
+    "json nested too deep": {"png": png(), "txt": b"x", "json": b"[" * 100_000 + b"]" * 100_000},
 }
 
 
@@ -211,6 +216,54 @@ def test_bad_samples_skipped_and_counted(tmp_path, kind):
     keys, skipped = val_pass([write_tar(tmp_path / "a.tar", samples), other], batch_size=4)
     assert sorted(keys) == sorted({"a-0", "a-1", "a-2", "a-3"} | other_keys)
     assert skipped == 2
+
+
+@pytest.mark.parametrize("error", [RecursionError, KeyError, ZeroDivisionError, MemoryError])
+def test_any_error_from_one_sample_is_skipped_and_counted_by_name(tmp_path, monkeypatch, error):
+    """Whatever decoding one sample raises, the stream goes on; the skip is counted by its name."""
+    read_caption = samples.read_caption
+
+    def failing(sample, keys, meta):
+        if sample["__key__"] == "bad":
+            raise error("from one sample")
+        return read_caption(sample, keys, meta)
+
+    monkeypatch.setattr(samples, "read_caption", failing)
+    url = write_tar(tmp_path / "a.tar", [good("a-0"), good("bad"), good("a-1")])
+    stream = build_pipeline([url], loader_cfg(), train=False)
+    (batch,) = stream
+    assert batch["key"] == ["a-0", "a-1"] and batch["skipped"] == 1
+    assert stream.stats.skipped == {f"sample raised {error.__name__}": 1}
+
+
+def test_user_error_while_decoding_still_ends_the_run(tmp_path, monkeypatch):
+    """A configuration that cannot work (e.g. flips asked of a cache without them) is not skipped."""
+
+    def cannot_work(*args, **kwargs):
+        raise samples.CacheError("cached with data.random_flip=false")
+
+    monkeypatch.setattr(samples, "decode_members", cannot_work)
+    url = write_tar(tmp_path / "a.tar", [good("a-0")])
+    with pytest.raises(samples.CacheError, match="random_flip"):
+        next(iter(build_pipeline([url], loader_cfg(), train=False)))
+
+
+def test_exif_rotated_jpeg_decodes_upright(tmp_path):
+    """A phone photo stores its pixels sideways and the rotation in EXIF (Orientation 6: turn 90
+    degrees clockwise to view): red left half, blue right half stored, so red on top when upright."""
+    stored = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
+    stored[:, :SIZE] = (255, 0, 0)
+    stored[:, SIZE:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    sample = {"__key__": "phone", "jpg": buffer.getvalue(), "txt": b"a photo"}
+    (batch,) = build_pipeline([write_tar(tmp_path / "p.tar", [sample])], loader_cfg(), train=False)
+    image = batch["image"][0]  # 32 x 32: the centre of the upright 32 wide x 64 high image
+    top, bottom = image[:, : SIZE // 2 - 2], image[:, SIZE // 2 + 2 :]
+    assert top[0].mean() > 0.8 and top[2].mean() < -0.8  # red
+    assert bottom[2].mean() > 0.8 and bottom[0].mean() < -0.8  # blue
 
 
 def test_caption_from_json_when_no_txt(tmp_path):
@@ -273,6 +326,19 @@ def test_no_valid_sample_raises_naming_urls(tmp_path, train, kind):
     error = first_batch_error(build_pipeline(urls, loader_cfg(shuffle_buffer=1000), train=train))
     assert isinstance(error, NoValidSamplesError), error
     assert all(url in str(error) for url in urls)
+
+
+def test_no_valid_sample_in_a_loader_worker_is_one_line(tmp_path):
+    """Raised in a DataLoader worker, torch re-raises it with the worker's traceback in the
+    message; what reaches the user is the UserError's one line."""
+    url = write_tar(tmp_path / "bad.tar", [{"__key__": "k", "jpg": b"nope", "txt": b"x"}])
+    stream = build_pipeline([url], loader_cfg(), train=False)
+    loader = DataLoader(stream, batch_size=None, num_workers=1)
+    with pytest.raises(NoValidSamplesError) as error:
+        next(iter(loader))
+    assert isinstance(error.value, UserError)
+    assert str(error.value).startswith(f"no valid sample in ['{url}']")
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
 
 # ---------------------------------------------------------------- 5. ranks see disjoint samples
@@ -397,6 +463,49 @@ def test_setup_warns_when_fewer_shards_than_readers(tiny_shards, caplog, pattern
     assert ("for 2 readers" in caplog.text) == warns
     if warns:
         assert "at least 2 shards" in caplog.text and "data.num_workers" in caplog.text
+
+
+def test_setup_checks_that_the_validation_set_has_a_sample(tiny_shards, tmp_path):
+    """Every validation sample bad: a UserError naming the URLs at setup, not after an epoch."""
+    bad = [
+        write_tar(tmp_path / f"val-{i}.tar", [{"__key__": f"k{i}", "jpg": b"no", "txt": b"x"}])
+        for i in range(2)
+    ]
+    module = WebDataModule(tiny_shards["train_urls"], bad, loader_cfg())
+    with pytest.raises(UserError, match="data.val_urls") as error:
+        module.setup("fit")
+    assert all(url in str(error.value) for url in bad) and "undecodable image" in str(error.value)
+    WebDataModule(tiny_shards["train_urls"], tiny_shards["val_urls"], loader_cfg()).setup("fit")
+
+
+def test_missing_file_url_is_a_user_error(tiny_shards, tmp_path):
+    """file:// URLs are local files: none there is the same one-line error as a missing path."""
+    module = WebDataModule(f"file://{tmp_path}/nowhere-{{0..1}}.tar", None, loader_cfg())
+    with pytest.raises(UserError, match=f"data.train_urls: no shard found at file://{tmp_path}"):
+        module.setup("fit")
+
+
+class HandlersInWorker(IterableDataset):
+    def __iter__(self):
+        yield {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGUSR1")}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_loader_workers_ignore_preemption_signals(tiny_shards, train):
+    """The loaders' worker_init_fn leaves SIGTERM and SIGUSR1 to the main process."""
+    module = WebDataModule(tiny_shards["train_urls"], tiny_shards["val_urls"], loader_cfg())
+    made = module.train_dataloader() if train else module.val_dataloader()
+    seen = next(
+        iter(
+            DataLoader(
+                HandlersInWorker(),
+                batch_size=None,
+                num_workers=1,
+                worker_init_fn=made.worker_init_fn,
+            )
+        )
+    )
+    assert seen == {"SIGTERM": signal.SIG_IGN, "SIGUSR1": signal.SIG_IGN}
 
 
 def test_from_config(make_cfg):

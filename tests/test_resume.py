@@ -3,6 +3,7 @@ the same order, as a run that never stopped, and ends with the same weights."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import safetensors.torch
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from ldm_train.rundir import RunDir
 from ldm_train.train import train
 
 
@@ -37,6 +40,17 @@ class Recorder(L.LightningModule):
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), out_dir / "weights.pt")
         return out_dir
+
+
+class KillAt(L.Callback):
+    """kill -9 of its own process after the given step (nothing gets to clean up)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run(make_cfg, steps: int, workers: int, *extra: str):
@@ -69,6 +83,63 @@ def test_resumed_run_sees_the_same_data_and_ends_with_the_same_weights(make_cfg,
         assert torch.equal(a, b)
 
 
+def test_a_damaged_last_checkpoint_resumes_from_the_newest_good_one_exactly(make_cfg):
+    straight = run(make_cfg, 12, 0, "experiment_name=straight")
+    first = run(make_cfg, 8, 0, "experiment_name=cut", "checkpoint_every_n_steps=4")
+    last = RunDir(make_cfg("experiment_name=cut").paths.run_dir).last_checkpoint
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed during the write
+    resumed = run(make_cfg, 12, 0, "experiment_name=cut", "checkpoint_every_n_steps=4")
+    assert first.seen + resumed.seen == straight.seen  # from step00000008.ckpt
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+STAGE_RUNS = {
+    "clip": ["stage=clip", "model.net.text_cfg.layers=1"],
+    "vae": ["stage=vae"],
+    "vae-gan": [
+        "stage=vae",
+        "stage.module.loss.disc_weight=0.5",
+        "stage.module.loss.discriminator.channels=8",
+        "stage.module.loss.discriminator.n_layers=2",
+    ],
+    "unet": [],  # + unet_overrides
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGE_RUNS)
+def test_kill_9_and_resume_is_exact_for_every_stage(
+    stage, tmp_path, tiny_overrides, unet_overrides, run_cli
+):
+    """Through the real CLI: the export of a run killed with -9 after step 3 (checkpoint at 2) and
+    rerun equals the export of a run that never stopped, bit for bit."""
+    options = [*STAGE_RUNS[stage], *(unet_overrides if stage == "unet" else [])]
+    base = ["-m", "ldm_train", *tiny_overrides(tmp_path / "out"), *options, "trainer.max_steps=6"]
+    base += [
+        "checkpoint_every_n_steps=2",
+        "trainer.limit_val_batches=0",
+        "data.batches_per_epoch=4",
+    ]
+    run_cli([*base, "experiment_name=straight"], tmp_path)
+    killed = [*base, "experiment_name=killed"]
+    result = run_cli(
+        [*killed, f"+callbacks.kill={{_target_:{__name__}.KillAt,step:3}}"], tmp_path, check=False
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    rerun = run_cli(killed, tmp_path)
+    assert "continuing from" in rerun.stdout + rerun.stderr
+    name = STAGE_RUNS[stage][0].removeprefix("stage=") if STAGE_RUNS[stage] else "unet"
+    exports = [
+        tmp_path / "out" / experiment / name / "export" for experiment in ("straight", "killed")
+    ]
+    files = sorted(p.relative_to(exports[0]) for p in exports[0].rglob("*.safetensors"))
+    assert files
+    for file in files:
+        a, b = (safetensors.torch.load_file(export / file) for export in exports)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
 @pytest.fixture
 def cli(tmp_path: Path, tiny_shards, start_cli):
     """The real CLI training a Recorder (0.15 s a step) on the tiny shards, 2 loader workers."""
@@ -99,14 +170,6 @@ def cli(tmp_path: Path, tiny_shards, start_cli):
     return start
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def finish(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
@@ -114,7 +177,7 @@ def finish(process: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cli):
+def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cli, wait_for):
     finish(cli("straight"))  # 2 loader workers
     killed = cli("killed", "keep_last_checkpoints=-1")
     # The kill lands before or after last.ckpt moves from step 6 to 8 (or 10): each must resume
@@ -131,7 +194,7 @@ def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum):
+def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum, wait_for):
     run_dir = tmp_path / "preempted" / "clip"
     process = cli("preempted")
     wait_for(run_dir / "checkpoints" / "step00000004.ckpt", process)

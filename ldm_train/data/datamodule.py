@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ldm_train.config import UserError, check_choice, check_keys
-from ldm_train.data.pipeline import LoaderConfig, build_pipeline
+from ldm_train.data.pipeline import LoaderConfig, build_pipeline, check_has_sample
+from ldm_train.data.workers import init_worker, kill_workers_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,17 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return [url for pattern in patterns for url in braceexpand(pattern)]
 
 
-def is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url
+def local_path(url: str) -> str | None:
+    """The file a shard URL names (a path or a file:// URL); None for pipes and remote URLs."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return None if url.startswith("pipe:") or "://" in url else url
 
 
 def check_shards_exist(urls: list[str], option: str) -> None:
     """Local shards: none found is an error; some missing is a warning (they are skipped, counted)."""
-    local = [url for url in urls if is_local(url)]
-    missing = [url for url in local if not Path(url).is_file()]
+    local = [url for url in urls if local_path(url) is not None]
+    missing = [url for url in local if not Path(local_path(url)).is_file()]
     if local and len(missing) == len(local):
         raise UserError(
             f"{option}: no shard found at {urls[0]}"
@@ -148,6 +153,8 @@ class WebDataModule(L.LightningDataModule):
         check_shards_exist(self.train_urls, "data.train_urls")
         if self.val_urls:
             check_shards_exist(self.val_urls, "data.val_urls")
+            # Now rather than after a whole epoch of training (every rank: they agree, none waits).
+            check_has_sample(self.val_urls, self.loader)
         _, world = self._rank_and_world()
         readers = world * max(1, self.loader.num_workers)
         if len(self.train_urls) < readers:
@@ -170,6 +177,8 @@ class WebDataModule(L.LightningDataModule):
         # Training: torchdata's StatefulDataLoader gathers each worker's stream position with every
         # batch, and Lightning stores it in checkpoints, so a resumed run sees the same data.
         loader = TrainLoader if train else DataLoader
+        if workers > 0:
+            kill_workers_at_exit()
         return loader(
             dataset,
             batch_size=None,  # batched inside the workers
@@ -177,6 +186,7 @@ class WebDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=train and workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=functools.partial(init_worker, rank=rank),
         )
 
     def train_dataloader(self) -> DataLoader:

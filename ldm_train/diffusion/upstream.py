@@ -62,9 +62,15 @@ def latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
     return float(scale), float(vae.config.get("shift_factor") or 0.0)
 
 
+def downsampling_factor(block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent cell along a side of an AutoencoderKL with these blocks: each down block
+    but the last halves the size (diffusers pipelines compute it the same way)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_scale_factor(vae: AutoencoderKL | None) -> int:
-    """Pixels per latent cell along a side (diffusers pipelines compute it the same way)."""
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent cell along a side; 1 without a VAE (pixel space)."""
+    return 1 if vae is None else downsampling_factor(vae.config.block_out_channels)
 
 
 def no_autocast(device: torch.device) -> torch.autocast:

@@ -1,5 +1,6 @@
 """What every stage shares: the optimizer and LR schedule partials of the optimizer and
-lr_scheduler config groups, and the speed switches (perf) on the trainable net."""
+lr_scheduler config groups, the speed switches (perf) on the trainable net, and the generator every
+random draw of a training step comes from (so a resumed run repeats an uninterrupted one)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 from ldm_train.perf import Perf
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def step_generator(device: torch.device, *key: int) -> torch.Generator:
+    """A generator seeded from a key such as (seed, rank, global_step, batch_idx): every random draw
+    of a step is reproducible, and different keys give unrelated streams (numpy's SeedSequence)."""
+    seed = int(np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(seed & ((1 << 63) - 1))
 
 
 class StageModule(L.LightningModule):

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -36,19 +35,12 @@ from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.upstream import encode_images
 from ldm_train.exports.pipeline import Pipeline
 from ldm_train.perf import Perf, unet_training_flops
-from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
+from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 UnetFactory = Callable[..., UNet2DConditionModel]
 VALIDATION_SEED = (
     7_777_777  # the validation loss's noise: the same at every validation of every run
 )
-
-
-def step_generator(device: torch.device, *key: int) -> torch.Generator:
-    """A generator seeded from a key such as (seed, rank, global_step, batch_idx): every random draw
-    of a step is reproducible, and different keys give unrelated streams (numpy's SeedSequence)."""
-    seed = int(np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(seed & ((1 << 63) - 1))
 
 
 def prompt_captions(prompts: Sequence[Any] | None) -> list[str]:

@@ -36,7 +36,7 @@ from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.config import UserError
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.perf import Perf
-from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
+from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class VaeStage(StageModule):
         grid_images: int = 8,
         posterior_logvar_init: float | None = None,
         perf: Perf | None = None,
+        seed: int = 0,
     ):
         super().__init__(optimizer, lr_scheduler, perf)
         if loss.discriminator is not None and disc_optimizer is None:
@@ -65,6 +66,7 @@ class VaeStage(StageModule):
         if posterior_logvar_init is not None:
             init_posterior_logvar(net, posterior_logvar_init)
         self.net = self.perf.apply(net)
+        self.seed = seed  # posterior samples: from (seed, rank, step), so resumes are exact
         self.loss = loss
         self.disc_optimizer_factory = disc_optimizer
         self.disc_scheduler_factory = disc_scheduler
@@ -121,9 +123,10 @@ class VaeStage(StageModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         images = self.perf.input(batch["image"])
         step = self.global_step
+        generator = step_generator(self.device, self.seed, self.global_rank, step, batch_idx)
         if self.automatic_optimization:
             posterior = self.net.encode(images).latent_dist
-            reconstruction = self.net.decode(posterior.sample()).sample
+            reconstruction = self.net.decode(posterior.sample(generator)).sample
             terms, extras = self.loss.generator_terms(images, reconstruction, posterior, step)
             return self._log_terms(terms, extras, images.shape[0])
 
@@ -132,7 +135,7 @@ class VaeStage(StageModule):
 
         with self.toggled_optimizer(autoencoder_opt):  # no gradients into the discriminator
             posterior = self.net.encode(images).latent_dist
-            reconstruction = self.net.decode(posterior.sample()).sample
+            reconstruction = self.net.decode(posterior.sample(generator)).sample
             terms, extras = self.loss.generator_terms(
                 images, reconstruction, posterior, step, self.net.decoder.conv_out.weight
             )
