@@ -175,8 +175,15 @@ def device_line(dry: bool) -> str:
 
     if dry:
         return f"dry run on the CPU (tiny presets), torch {torch.__version__}"
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
-    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}"
+    try:
+        import torch.cuda.nccl
+
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    except Exception:  # a build without NCCL: the NCCL rows will say what fails
+        nccl = "none"
+    name, cuda = torch.cuda.get_device_name(), torch.version.cuda
+    return f"{name}, torch {torch.__version__}, CUDA {cuda}, NCCL {nccl}"
 
 
 def run(dry: bool, budget: float, smoke_time: float, work: Path, rows: list[str]) -> int:
