@@ -1,10 +1,11 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
     [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp] --out DIR
 
-Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export):
-one PNG per image in DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in
-images.json) and grid.png (a row per prompt). Image j of every prompt starts from the noise of seed
-+ j: the same seed gives the same images.
+Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
+diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
+DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in images.json) and grid.png (a row
+per prompt). Image j of every prompt starts from the noise of seed + j: the same seed gives the same
+images.
 """
 
 from __future__ import annotations

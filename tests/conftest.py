@@ -17,13 +17,15 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import DictConfig
 from open_clip.model import set_model_preprocess_cfg
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_train.config import compose_config
 from ldm_train.data.shapes import make_shapes_dataset
 from ldm_train.exports.clip import save_clip
+from ldm_train.exports.transformers_clip import clip_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -89,10 +91,10 @@ def tiny_overrides(tiny_shards) -> Callable[[Path], list[str]]:
     return lambda output_root: tiny_run(Path(output_root), tiny_shards)
 
 
-def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
-    """A random diffusers AutoencoderKL folder: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """A random diffusers AutoencoderKL: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
     torch.manual_seed(0)
-    AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=latent_channels,
@@ -103,8 +105,62 @@ def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
         norm_num_groups=8,
         sample_size=32,
         scaling_factor=0.5,
-    ).save_pretrained(path)
+    )
+
+
+def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
+    """tiny_vae's folder."""
+    tiny_vae(latent_channels).save_pretrained(path)
     return path
+
+
+def tiny_sd_pipeline() -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of tiny random parts in SD 1.x's layout: a CLIPTextModel (width 32,
+    3 layers, context 24) whose tokenizer pads with the end token as SD 1.x's does, tiny_vae and a
+    U-Net for its 4 x 8 x 8 latents."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+        )
+    ).eval()
+    tokenizer = clip_tokenizer(24)
+    tokenizer.pad_token = "<|endoftext|>"
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> tuple[StableDiffusionPipeline, Path]:
+    """(tiny_sd_pipeline(), the folder it is saved in with save_pretrained): Stable Diffusion's
+    layout, nothing downloaded. Tests that change the pipeline object put it back."""
+    pipeline = tiny_sd_pipeline()
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    pipeline.save_pretrained(folder)
+    return pipeline, folder
 
 
 TINY_CLIP_CARD = {

@@ -35,6 +35,7 @@ from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.upstream import encode_images
 from ldm_train.exports.pipeline import Pipeline
 from ldm_train.perf import Perf, unet_training_flops
+from ldm_train.pretrained import check_unet_fits, is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 UnetFactory = Callable[..., UNet2DConditionModel]
@@ -96,6 +97,8 @@ def build_net(
             "sample_size": sample_size,
         }
         net = net(**{k: v for k, v in fill.items() if given.get(k) is None})
+    elif is_pretrained(net):
+        check_unet_fits(net, in_channels, context_width)
     where = "the VAE's latent channels" if in_channels != 3 else "the image channels"
     if net.config.in_channels != in_channels:
         raise UserError(

@@ -36,6 +36,7 @@ from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.config import UserError
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.perf import Perf
+from ldm_train.pretrained import is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class VaeStage(StageModule):
                 "the discriminator is on (stage.module.loss.disc_weight > 0) but "
                 "stage.module.disc_optimizer is null"
             )
-        if posterior_logvar_init is not None:
+        if posterior_logvar_init is not None and not is_pretrained(net):  # an init, not a change
             init_posterior_logvar(net, posterior_logvar_init)
         self.net = self.perf.apply(net)
         self.seed = seed  # posterior samples: from (seed, rank, step), so resumes are exact
