@@ -3,8 +3,11 @@ tiny random upstream exports (VAE, CLIP) for stage=unet, and the runner of the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -309,3 +312,41 @@ def wait_for() -> Callable[..., None]:
             time.sleep(0.05)
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A TCP port free on localhost now (for a process group's rendezvous)."""
+
+    def find() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def run_together(start_cli) -> Callable[..., list[tuple[int, str]]]:
+    """run_together([(args, env), ...], cwd, timeout=300): `python <args>` for each at once (the
+    ranks or nodes of one job), waited for together; [(return code, output)]. On a timeout each
+    is killed with its children (torchrun's workers) and the test fails: a hung collective fails
+    its test, not the whole suite."""
+
+    def run(commands: Sequence[tuple[Sequence[str], dict]], cwd: Path, timeout: float = 300):
+        # each in its own process group: killed with its children
+        processes = [start_cli(args, cwd, new_session=True, **env) for args, env in commands]
+        deadline = time.monotonic() + timeout
+        try:
+            outputs = [
+                p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in processes
+            ]
+            return [(p.returncode, output) for p, output in zip(processes, outputs, strict=True)]
+        except subprocess.TimeoutExpired:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            outputs = [process.communicate()[0][-3000:] for process in processes]
+            pytest.fail(f"timed out after {timeout} s:\n" + "\n".join(outputs))
+
+    return run
