@@ -56,14 +56,16 @@ def test_val_captions_are_the_prompts_of_an_ema_grid_every_second_validation(une
         "data.prompts=null",
         f"{VALIDATION}.max_prompts=3",
         f"{VALIDATION}.samples_per_prompt=2",
+        f"{VALIDATION}.metric_images=4",  # the first 3 captions' seed-0 images are the grid's
         f"{VALIDATION}.every_n_validations=2",
         "data.batches_per_epoch=2",  # validations at steps 2 and 4
         "trainer.limit_val_batches=1",
     )
     metrics, objects = train(cfg)
     module, run_dir = objects["module"], objects["run_dir"]
-    captions = val_captions(tiny_shards, 3)
+    captions = val_captions(tiny_shards, 4)[:3]
     assert module.samples.prompts == captions and module.samples.validations == 2
+    assert module.samples.measured == val_captions(tiny_shards, 4)
     assert {f"val/{name}" for name in SAMPLE_FIGURES} <= set(metrics)
     assert 0 <= metrics["val/accuracy"] <= 1 and metrics["val/fd_clip"] > 0
     images_dir = run_dir / "images"
@@ -135,15 +137,15 @@ def test_metric_options_turn_off_what_needs_a_missing_clip(upstream, tmp_path, c
         MetricOptions(clip=missing, features="inception").build("x")
 
 
-def test_fd_needs_two_generated_images(upstream, tiny_shards):
-    options = SampleOptions(
-        prompts=["a red circle"],
-        samples_per_prompt=1,
-        metrics=MetricOptions(clip=str(upstream["clip"])),
+def test_metrics_need_two_images_and_samples_off_draw_nothing(upstream, tiny_shards):
+    with pytest.raises(UserError, match="metric_images=1; need >= 2"):
+        SampleOptions(metric_images=1)
+    samples = ValidationSamples(
+        SampleOptions(samples_per_prompt=0, metrics=MetricOptions(clip=str(upstream["clip"])))
     )
     urls = expand_urls(tiny_shards["val_urls"])
-    with pytest.raises(UserError, match="FD and KID need 2 or more images"):
-        ValidationSamples(options).prepare(urls, loader_options({}, 32), conditional=True)
+    samples.prepare(urls, loader_options({}, 32), conditional=True)
+    assert samples.metrics is None and not samples.due()
 
 
 def test_vae_logs_its_reconstruction_fd(make_cfg, upstream):
@@ -213,6 +215,7 @@ def test_two_processes_share_the_samples_and_log_one_processs_figures(
         "model.lr=0",
         "data.prompts=null",
         f"{VALIDATION}.max_prompts=5",  # 2 ranks: 3 images each, one of rank 1's padding
+        f"{VALIDATION}.metric_images=5",  # the grid's images
         f"{VALIDATION}.sampling.batch_size=1",  # a forward pass per image and step
         f"{VALIDATION}.max_reference=40",
         "trainer.max_steps=2",

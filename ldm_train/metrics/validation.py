@@ -2,11 +2,14 @@
 U-Net's validation samples (ValidationSamples) and the VAE's reconstruction distances
 (ReconstructionMetrics).
 
-Every k-th U-Net validation draws n images for each prompt (data.prompts, else the first captions of
-the validation shards, read alike on every rank) with all ranks together: each generates its share,
-padded so that every rank runs the same forward passes (under FSDP each one is collective), and
-measures it (SampleMetrics sums and gathers across ranks); the shares are then gathered, in order,
-for the grid. The reference features (the first validation images) are computed once per run.
+Every k-th U-Net validation draws a grid (samples_per_prompt images for each of data.prompts, else
+of the first captions of the validation shards) and one image for each of the first metric_images
+captions of the validation shards, which the metrics measure against the first validation images
+(the same captions: FD and KID compare like with like; FD of a set for fixed prompts against the
+whole validation set does not fall as the model learns). The ranks draw together: each generates
+its block of the images, padded so that every rank runs the same forward passes (under FSDP each
+one is collective), measures its own (SampleMetrics sums and gathers across ranks), and the blocks
+are gathered, in order, for the grid. The reference features are computed once per run.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
 from ldm_train.exports.clip import is_clip_folder
 from ldm_train.metrics.features import FeatureKind, to_uint8
 from ldm_train.metrics.reference import (
-    choose_prompts,
     prompt_labels,
     read_validation,
     validation_batches,
@@ -86,27 +88,29 @@ class MetricOptions:
 
 @dataclass
 class SampleOptions:
-    """What a U-Net validation draws: samples_per_prompt images for each prompt (data.prompts;
-    none: the first max_prompts captions of the validation shards), at every every_n_validations-th
-    validation (0: never), with `sampling`; measured with `metrics` (None: the grid only) against
-    the first max_reference validation images."""
+    """What a U-Net validation draws, at every every_n_validations-th validation (0: never), with
+    `sampling`: a grid of samples_per_prompt images (0: no samples at all) for each prompt
+    (data.prompts; none: the first max_prompts captions of the validation shards), and, for the
+    metrics (None: the grid only), one image for each of the first metric_images captions of the
+    validation shards, measured against the first max_reference validation images: generated and
+    reference images of the same captions, so that FD and KID compare like with like."""
 
     prompts: Sequence[Any] | None = None
     max_prompts: int = 8
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 2
     every_n_validations: int = 1
+    metric_images: int = 32
     max_reference: int = 256
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     metrics: MetricOptions | None = None
-    labels: list[dict] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.prompts, self.labels = prompt_labels(self.prompts or [])
+        self.prompts = prompt_labels(self.prompts or [])[0]
         if isinstance(self.sampling, Mapping):
             self.sampling = SamplingOptions(**self.sampling)
         self.metrics = MetricOptions.parse(self.metrics)
         least = {"max_prompts": 1, "samples_per_prompt": 0, "every_n_validations": 0}
-        for name, low in (least | {"max_reference": 2}).items():
+        for name, low in (least | {"metric_images": 2, "max_reference": 2}).items():
             if getattr(self, name) < low:
                 raise UserError(
                     f"stage.module.validation.{name}={getattr(self, name)}; need >= {low}"
@@ -114,12 +118,15 @@ class SampleOptions:
 
 
 class ValidationSamples:
-    """The samples of a run's validations: prompts, reference, metrics, the validation count.
-    Shared by every copy of the stage (deepcopy, e.g. the EMA's, returns it)."""
+    """The samples of a run's validations: the grid's prompts, the captions the metrics measure,
+    the reference, the metrics, the validation count. Shared by every copy of the stage
+    (deepcopy, e.g. the EMA's, returns it)."""
 
     def __init__(self, options: SampleOptions):
         self.options = options
-        self.prompts, self.labels = list(options.prompts), list(options.labels)
+        self.prompts: list[str] = list(options.prompts)  # the grid's
+        self.measured: list[str] = []  # the captions the metrics measure, one image each
+        self.labels: list[dict] = []  # their sample json (zero-shot labels)
         self.metrics: SampleMetrics | None = None
         self.reference: tuple[list[str], LoaderConfig] | None = None
         self.conditional = True
@@ -135,27 +142,29 @@ class ValidationSamples:
     def prepare(
         self, val_urls: Sequence[str] | None, loader: LoaderConfig | None, conditional: bool
     ) -> None:
-        """Every rank, alike (e.g. in setup): the prompts, where the reference is, the metrics."""
+        """Every rank, alike (e.g. in setup): the prompts and captions, the reference, the metrics."""
         self.conditional = conditional
+        options = self.options
         if not self.on:
             return
         if val_urls and loader is not None:
             self.reference = (list(val_urls), replace(loader, val_batch_size=READ_BATCH))
-        if not self.prompts and self.reference is not None:
-            validation = read_validation(*self.reference, limit=self.options.max_prompts)
-            self.prompts, self.labels = choose_prompts(None, validation, self.options.max_prompts)
-        options, n = self.options.metrics, self.options.samples_per_prompt
-        if options is not None and self.prompts:
-            option = "stage.module.validation.metrics"
-            self.metrics = options.build(option, distances=self.reference is not None)
-        if self.metrics is not None and self.metrics.kind and len(self.prompts) * n < 2:
-            raise UserError(
-                f"stage.module.validation: FD and KID need 2 or more images, {len(self.prompts)} "
-                f"prompt(s) x samples_per_prompt={n} make fewer; raise either, or set "
-                "stage.module.validation.metrics.features=null"
-            )
-        source = "data.prompts" if self.options.prompts else "captions of data.val_urls"
-        info("validation samples: %d prompts (%s) x %d", len(self.prompts), source, n)
+        wanted = options.metric_images if options.metrics is not None else 0
+        if self.reference is not None and (wanted or not self.prompts):
+            first = read_validation(*self.reference, limit=max(wanted, options.max_prompts))
+            self.prompts = self.prompts or first.captions[: options.max_prompts]
+            self.measured, self.labels = first.captions[:wanted], first.metas[:wanted]
+        if self.measured:
+            self.metrics = options.metrics.build("stage.module.validation.metrics")
+        source = "data.prompts" if options.prompts else "captions of data.val_urls"
+        measured = f"{len(self.measured)} captions of data.val_urls" if self.metrics else "none"
+        info(
+            "validation samples: a grid of %d prompts (%s) x %d; metrics on: %s",
+            len(self.prompts),
+            source,
+            options.samples_per_prompt,
+            measured,
+        )
 
     def due(self) -> bool:
         """Counts a validation; True if this one draws samples."""
@@ -166,27 +175,42 @@ class ValidationSamples:
     def draw(
         self, sample_fn: SampleFn, rank: int, world_size: int, gather: Gather, device: torch.device
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """On every rank: n images per prompt, this rank's share generated and measured. Returns
-        every image (prompt-major, 8-bit, gathered on every rank) and the figures (alike)."""
-        n = self.options.samples_per_prompt
-        repeated, seeds = per_prompt(self.prompts, n, self.options.sampling.seed)
-        images, indices, own = sample_share(sample_fn, repeated, seeds, rank, world_size)
+        """On every rank: the grid's and the metrics' images (one image per caption and seed:
+        drawn once if both want it), this rank's share generated and measured. Returns the grid's
+        images (prompt-major, 8-bit, gathered on every rank) and the figures (alike)."""
+        seed, n = self.options.sampling.seed, self.options.samples_per_prompt
+        grid = list(zip(*per_prompt(self.prompts, n, seed), strict=True))
+        measured = [(caption, seed) for caption in self.measured]
+        items = list(dict.fromkeys(grid + measured))  # (caption, seed): what an image depends on
+        position = {item: i for i, item in enumerate(items)}
+        prompts, seeds = [c for c, _ in items], [s for _, s in items]
+        images, indices, own = sample_share(sample_fn, prompts, seeds, rank, world_size)
         figures = {}
         if self.metrics is not None:
-            figures = self.measure(images[:own], indices[:own], device, rank, world_size)
-        gathered = gather(to_uint8(images).to(device))
-        return assemble(gathered, len(repeated)).cpu(), figures
+            row = {item: i for i, item in enumerate(indices[:own])}
+            # In item order on every rank: gathered rank by rank, that is one process's order.
+            order = sorted((position[key], e) for e, key in enumerate(measured))
+            entries = [(row[k], e) for k, e in order if k in row]
+            figures = self.measure(images, entries, device, rank, world_size)
+        gathered = assemble(gather(to_uint8(images).to(device)), len(items))
+        return gathered[[position[key] for key in grid]].cpu(), figures
 
     def measure(
-        self, images: torch.Tensor, indices: list[int], device: torch.device, rank: int, world: int
+        self,
+        images: torch.Tensor,
+        entries: list[tuple[int, int]],
+        device: torch.device,
+        rank: int,
+        world: int,
     ) -> dict[str, torch.Tensor]:
+        """entries: (row of images, index into the measured captions) of this rank's own."""
         metrics = self.metrics.to(device)
         self.add_reference(device, rank, world)
-        n = self.options.samples_per_prompt
-        if len(images):  # a rank may have none (fewer images than ranks)
-            prompts = [self.prompts[i // n] for i in indices] if self.conditional else None
-            labels = [self.labels[i // n] for i in indices] if any(self.labels) else None
-            metrics.update(images.to(device), prompts, labels)
+        if entries:  # a rank may have none (fewer images than ranks)
+            rows, which = (list(column) for column in zip(*entries, strict=True))
+            prompts = [self.measured[e] for e in which] if self.conditional else None
+            labels = [self.labels[e] for e in which] if any(self.labels) else None
+            metrics.update(images[rows].to(device), prompts, labels)
         figures = metrics.compute()  # sums and gathers every rank's states
         metrics.reset()  # the reference stays
         return figures
