@@ -131,6 +131,7 @@ class ValidationSamples:
         self.reference: tuple[list[str], LoaderConfig] | None = None
         self.conditional = True
         self.validations = 0  # validations so far (not sanity checks); in checkpoints
+        self.drawn = 0  # images the latest draw made (all ranks, padding left out)
 
     def __deepcopy__(self, memo: dict) -> ValidationSamples:
         return self
@@ -183,6 +184,7 @@ class ValidationSamples:
         measured = [(caption, seed) for caption in self.measured]
         items = list(dict.fromkeys(grid + measured))  # (caption, seed): what an image depends on
         position = {item: i for i, item in enumerate(items)}
+        self.drawn = len(items)
         prompts, seeds = [c for c, _ in items], [s for _, s in items]
         images, indices, own = sample_share(sample_fn, prompts, seeds, rank, world_size)
         figures = {}

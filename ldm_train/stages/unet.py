@@ -285,9 +285,8 @@ class UnetStage(StageModule):
         rows = list(images.view(len(prompts), -1, *images.shape[1:]))
         log_image_rows(trainer, "samples", rows, prompts, value_range=(0, 255))
         if trainer.is_global_zero:
-            log.info(
-                "validation samples: %d images in %.1f s", len(images), time.monotonic() - started
-            )
+            seconds = time.monotonic() - started
+            log.info("validation samples: %d images in %.1f s", self.samples.drawn, seconds)
 
     def draw_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Images for prompts[i] from the noise of seeds[i], with the weights the module holds."""
