@@ -137,7 +137,7 @@ def test_metric_options_turn_off_what_needs_a_missing_clip(upstream, tmp_path, c
         MetricOptions(clip=missing, features="inception").build("x")
 
 
-def test_metrics_need_two_images_and_samples_off_draw_nothing(upstream, tiny_shards):
+def test_what_is_not_measured_is_not_drawn(upstream, tiny_shards):
     with pytest.raises(UserError, match="metric_images=1; need >= 2"):
         SampleOptions(metric_images=1)
     samples = ValidationSamples(
@@ -146,6 +146,9 @@ def test_metrics_need_two_images_and_samples_off_draw_nothing(upstream, tiny_sha
     urls = expand_urls(tiny_shards["val_urls"])
     samples.prepare(urls, loader_options({}, 32), conditional=True)
     assert samples.metrics is None and not samples.due()
+    no_clip = ValidationSamples(SampleOptions(metrics=MetricOptions(clip=None)))
+    no_clip.prepare(urls, loader_options({}, 32), conditional=True)
+    assert no_clip.prompts == val_captions(tiny_shards, 8) and no_clip.measured == []
 
 
 def test_vae_logs_its_reconstruction_fd(make_cfg, upstream):

@@ -157,6 +157,8 @@ class ValidationSamples:
             self.measured, self.labels = first.captions[:wanted], first.metas[:wanted]
         if self.measured:
             self.metrics = options.metrics.build("stage.module.validation.metrics")
+        if self.metrics is None:
+            self.measured, self.labels = [], []  # nothing to measure them with: not drawn
         source = "data.prompts" if options.prompts else "captions of data.val_urls"
         measured = f"{len(self.measured)} captions of data.val_urls" if self.metrics else "none"
         info(
