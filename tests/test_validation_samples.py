@@ -122,6 +122,9 @@ def test_shares_are_blocks_in_rank_order_and_assemble_in_order():
         assert own == seeds  # what torchmetrics gathers, rank by rank: one process's order
         gathered = torch.stack([images for images, _, _ in shares])
         assert assemble(gathered, n).flatten().tolist() == seeds
+        block, prefix = len(shares[0][1]), max(1, n // 2)  # the first items only, as the grid's
+        sent = gathered[:, : min(block, prefix)]
+        assert assemble(sent, prefix, block).flatten().tolist() == seeds[:prefix]
     assert rank_share(5, 1, 2) == ([3, 4, 3], 2)
 
 

@@ -38,15 +38,15 @@ def sample_share(
     return images, indices, own
 
 
-def assemble(gathered: torch.Tensor, n_items: int) -> torch.Tensor:
-    """Every rank's padded share, stacked as all_gather gives them (world x per_rank x ...), back
-    into the n items in their order, the padding left out."""
+def assemble(gathered: torch.Tensor, n_items: int, block: int | None = None) -> torch.Tensor:
+    """Every rank's padded share, stacked as all_gather gives them (world x rows x ...), back into
+    the first n_items items in their order, the padding left out. Rank r's rows are the items from
+    r * block on (block: rank_share's count per rank; by default that of n_items), so a prefix of
+    the items can travel alone: each rank sends its first min(block, n_items) rows."""
     world_size = len(gathered)
-    items = gathered.new_empty((n_items, *gathered.shape[2:]))
-    for rank in range(world_size):
-        indices, own = rank_share(n_items, rank, world_size)
-        items[indices[:own]] = gathered[rank, :own]
-    return items
+    block = block or -(-n_items // world_size)
+    rows = [max(0, min(block, n_items - rank * block)) for rank in range(world_size)]
+    return torch.cat([gathered[rank, :count] for rank, count in enumerate(rows)])
 
 
 def generate_share(

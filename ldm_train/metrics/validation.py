@@ -196,7 +196,10 @@ class ValidationSamples:
             order = sorted((position[key], e) for e, key in enumerate(measured))
             entries = [(row[k], e) for k, e in order if k in row]
             figures = self.measure(images, entries, device, rank, world_size)
-        gathered = assemble(gather(to_uint8(images).to(device)), len(items))
+        # Only the grid's images travel: its items come first, so they are a prefix of the blocks.
+        in_grid, block = len(dict.fromkeys(grid)), len(indices)
+        sent = to_uint8(images[: min(block, in_grid)]).to(device)
+        gathered = assemble(gather(sent), in_grid, block)
         return gathered[[position[key] for key in grid]].cpu(), figures
 
     def measure(
