@@ -36,6 +36,7 @@ TINY = dict(image_size=32, n_train=256, n_val=64, train_shards=4, val_shards=2, 
 # Fewer, shorter validation samples than the defaults: the tests check wiring, not quality.
 QUICK_SAMPLES = (
     "stage.module.validation.samples_per_prompt=1",
+    "stage.module.validation.metric_images=8",
     "stage.module.validation.sampling.steps=2",
 )
 
