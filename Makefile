@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Exact torch builds for this machine; pyproject.toml states ranges (GPU images carry others).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench lint format clean
+.PHONY: install test test-fast demo bench gpu-check lint format clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ demo: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# On a GPU machine: throughput, MFU and memory of each stage, and multi-process smoke runs, in one
+# table within 5 minutes (ARGS="--budget 600" gives torch.compile more time; ARGS=--dry rehearses
+# on the CPU).
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu $(ARGS)
 
 lint: install
 	$(BIN)/ruff check ldm_train tests benchmarks

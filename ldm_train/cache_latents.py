@@ -38,6 +38,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
+from ldm_train import quiet
 from ldm_train.config import UserError, check_overrides, compose_config
 from ldm_train.data.bucketing import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--part", default="0/1", help="K/N: cache every N-th shard from the K-th")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         check_overrides(["stage=unet", *args.overrides])  # unknown keys: one line, closest named
         cfg = compose_config(["stage=unet", *args.overrides])

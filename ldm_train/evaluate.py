@@ -5,7 +5,7 @@
 Measures what a U-Net generates, so checkpoints and sweep jobs compare by their samples: generates
 --n images per prompt and writes metrics.json (and the images) to --out:
 - clip_score: mean cosine between each image and its prompt by a CLIP (--clip DIR; default: the
-  export's text_encoder/, the experiment's stage=clip export);
+  run's stage.text_encoder when that is a CLIP folder, the experiment's stage=clip export);
 - fd_clip, kid_clip (--features clip, the default) or fid_inception, kid_inception (--features
   inception --inception-weights FILE): Fréchet distance and KID to the validation images;
 - <task>_acc, accuracy: with labelled prompts and data.zero_shot (the shapes data), the share of
@@ -32,11 +32,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ldm_train import quiet
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.export import export_checkpoint, find_checkpoint
 from ldm_train.exports.clip import is_clip_folder
-from ldm_train.exports.pipeline import INDEX, Pipeline
+from ldm_train.exports.pipeline import INDEX, Pipeline, pipeline_part
 from ldm_train.generate import read_prompts, save_images
 from ldm_train.metrics.features import FEATURE_KINDS
 from ldm_train.metrics.reference import (
@@ -82,12 +83,20 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], val_urls: str | N
     return cfg
 
 
-def clip_folder(explicit: str | None, export_dir: Path) -> Path | None:
-    """--clip DIR, else the text encoder the export carries (a CLIP folder), else None."""
+def clip_folder(explicit: str | None, export_dir: Path, cfg: DictConfig) -> Path | None:
+    """--clip DIR; else the export's text encoder if it is a CLIP folder (exports before
+    model_index.json); else the run's stage.text_encoder if that is one (the experiment's stage=clip
+    export); else None."""
     if explicit:
         return Path(explicit)
-    bundled = export_dir / "text_encoder"
-    return bundled if is_clip_folder(bundled) else None
+    for candidate in (
+        pipeline_part(export_dir, "text_encoder"),
+        cfg.get("stage", {}).get("text_encoder"),
+    ):
+        if candidate and is_clip_folder(candidate):
+            return Path(candidate)
+    log.info("no CLIP folder (--clip DIR) for clip_score, CLIP features or accuracy")
+    return None
 
 
 def generate_measured(
@@ -148,7 +157,7 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
     cfg = apply_overrides(cfg, args.overrides, args.val_urls)
     pipeline = Pipeline.load(export_dir, args.device)
     data, validation, prompts, labels = read_inputs(args, cfg, pipeline)
-    clip_dir = clip_folder(args.clip, export_dir)
+    clip_dir = clip_folder(args.clip, export_dir, cfg)
     features = args.features if validation is not None else None
     if features is None:
         log.info("no validation images (data.val_urls or --val-urls): no FD or KID")
@@ -197,7 +206,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the export's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the export's)")
     parser.add_argument("--seed", type=int, default=0, help="image j starts from seed + j")
-    parser.add_argument("--clip", help="CLIP folder (default: the export's text_encoder/)")
+    parser.add_argument("--clip", help="CLIP folder (default: the run's stage.text_encoder)")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="clip", help="for FD/KID")
     parser.add_argument("--inception-weights", help="Inception-v3 FID weights file")
     parser.add_argument("--max-reference", type=int, default=1000, help="validation images used")
@@ -211,6 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         for option in ("n", "max_reference", "max_prompts", "batch_size"):
             if getattr(args, option) < 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm_train import quiet
 from ldm_train.config import UserError
 from ldm_train.rundir import RunDir
 from ldm_train.safety import check_targets, load_checkpoint
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         print(f"exported to {export_checkpoint(args.target, args.out, args.allow_target)}")
     except UserError as error:

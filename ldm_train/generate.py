@@ -1,10 +1,11 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
     [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp] --out DIR
 
-Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export):
-one PNG per image in DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in
-images.json) and grid.png (a row per prompt). Image j of every prompt starts from the noise of seed
-+ j: the same seed gives the same images.
+Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
+diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
+DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in images.json) and grid.png (a row
+per prompt). Image j of every prompt starts from the noise of seed + j: the same seed gives the same
+images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ldm_train import quiet
 from ldm_train.callbacks.images import image_grid
 from ldm_train.config import UserError
 from ldm_train.exports.pipeline import Pipeline
@@ -76,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
     try:
         if args.n < 1:
             raise UserError(f"--n {args.n}: need at least 1 image per prompt")

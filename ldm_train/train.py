@@ -25,6 +25,7 @@ from ldm_train import quiet
 from ldm_train.checks import check_values
 from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
+from ldm_train.distributed import export_stage
 from ldm_train.rundir import RESUME_MODES, RunDir
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,11 @@ def fit(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> tuple[dict, dict
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # the next stage in this process starts its own W&B run
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    export_dir = None
+    # Every rank: under FSDP the weights are gathered from all of them (rank 0 writes).
+    export_dir = export_stage(
+        module, run.export, lambda: build(cfg.stage.module), model=trainer.strategy.model
+    )
     if trainer.is_global_zero:
-        export_dir = module.export(run.export)
         exported = f"; exported to {export_dir}" if export_dir else ""
         log.info(
             "stage %s: %d steps; outputs in %s%s",

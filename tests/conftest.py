@@ -3,8 +3,11 @@ tiny random upstream exports (VAE, CLIP) for stage=unet, and the runner of the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,13 +17,15 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from omegaconf import DictConfig
 from open_clip.model import set_model_preprocess_cfg
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_train.config import compose_config
 from ldm_train.data.shapes import make_shapes_dataset
 from ldm_train.exports.clip import save_clip
+from ldm_train.exports.transformers_clip import clip_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -31,6 +36,7 @@ TINY = dict(image_size=32, n_train=256, n_val=64, train_shards=4, val_shards=2, 
 # Fewer, shorter validation samples than the defaults: the tests check wiring, not quality.
 QUICK_SAMPLES = (
     "stage.module.validation.samples_per_prompt=1",
+    "stage.module.validation.metric_images=8",
     "stage.module.validation.sampling.steps=2",
 )
 
@@ -112,10 +118,10 @@ def tiny_overrides(tiny_shards) -> Callable[[Path], list[str]]:
     return lambda output_root: tiny_run(Path(output_root), tiny_shards)
 
 
-def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
-    """A random diffusers AutoencoderKL folder: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """A random diffusers AutoencoderKL: 32 px -> 4 x 8 x 8, scaling_factor 0.5."""
     torch.manual_seed(0)
-    AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=latent_channels,
@@ -126,8 +132,62 @@ def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
         norm_num_groups=8,
         sample_size=32,
         scaling_factor=0.5,
-    ).save_pretrained(path)
+    )
+
+
+def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
+    """tiny_vae's folder."""
+    tiny_vae(latent_channels).save_pretrained(path)
     return path
+
+
+def tiny_sd_pipeline() -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of tiny random parts in SD 1.x's layout: a CLIPTextModel (width 32,
+    3 layers, context 24) whose tokenizer pads with the end token as SD 1.x's does, tiny_vae and a
+    U-Net for its 4 x 8 x 8 latents."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+        )
+    ).eval()
+    tokenizer = clip_tokenizer(24)
+    tokenizer.pad_token = "<|endoftext|>"
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> tuple[StableDiffusionPipeline, Path]:
+    """(tiny_sd_pipeline(), the folder it is saved in with save_pretrained): Stable Diffusion's
+    layout, nothing downloaded. Tests that change the pipeline object put it back."""
+    pipeline = tiny_sd_pipeline()
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    pipeline.save_pretrained(folder)
+    return pipeline, folder
 
 
 TINY_CLIP_CARD = {
@@ -279,3 +339,41 @@ def wait_for() -> Callable[..., None]:
             time.sleep(0.05)
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A TCP port free on localhost now (for a process group's rendezvous)."""
+
+    def find() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def run_together(start_cli) -> Callable[..., list[tuple[int, str]]]:
+    """run_together([(args, env), ...], cwd, timeout=300): `python <args>` for each at once (the
+    ranks or nodes of one job), waited for together; [(return code, output)]. On a timeout each
+    is killed with its children (torchrun's workers) and the test fails: a hung collective fails
+    its test, not the whole suite."""
+
+    def run(commands: Sequence[tuple[Sequence[str], dict]], cwd: Path, timeout: float = 300):
+        # each in its own process group: killed with its children
+        processes = [start_cli(args, cwd, new_session=True, **env) for args, env in commands]
+        deadline = time.monotonic() + timeout
+        try:
+            outputs = [
+                p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in processes
+            ]
+            return [(p.returncode, output) for p, output in zip(processes, outputs, strict=True)]
+        except subprocess.TimeoutExpired:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            outputs = [process.communicate()[0][-3000:] for process in processes]
+            pytest.fail(f"timed out after {timeout} s:\n" + "\n".join(outputs))
+
+    return run

@@ -86,6 +86,7 @@ def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, cli, 
     cli(*options, *DDP, "trainer.max_steps=2")
     run_dir = tmp_path / "outputs" / "shapes" / stage
     assert global_step(run_dir) == 2
+    assert any((run_dir / "export").iterdir())  # every rank entered the export, rank 0 wrote it
     keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 2 * 8  # 2 steps of 8 samples on each rank
     assert not set(keys[0]) & set(keys[1])  # 4 shards: each rank reads 2 of its own

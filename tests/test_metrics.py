@@ -121,6 +121,21 @@ def test_distances_need_two_images_a_side(clip_dir, val_set):
         metrics.compute()
 
 
+def test_kid_of_two_whole_sets_is_one_subset(clip_dir, val_set):
+    """Equal sets within the subset size: every subset is both whole sets; one is computed."""
+    extractor = ClipImageFeatures(load_clip(clip_dir))
+    real, fake = val_set.images[:32], val_set.images[32:].flip(-1)
+    ours = SampleMetrics(load_clip(clip_dir), "clip")
+    ours.add_reference(real)
+    ours.update(fake)
+    results = ours.compute()
+    kid = KernelInceptionDistance(feature=extractor, subsets=3, subset_size=32)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    assert results["kid_clip"] == pytest.approx(float(kid.compute()[0]), rel=1e-3)  # fp32 sums
+    assert results["kid_clip_std"] == 0 and ours.kid.subsets == 100
+
+
 def train_clip_on_pairs(images: torch.Tensor, captions: list[str], steps: int = 60):
     """A tiny CLIP fitted to these pairs with open_clip's contrastive loss: it matches them."""
     torch.manual_seed(0)

@@ -11,15 +11,15 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from hydra.utils import instantiate
 from open_clip.push_to_hf_hub import save_config_for_hf
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from ldm_train.config import UserError
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.exports.clip import save_clip
-from ldm_train.exports.transformers_clip import clip_tokenizer, keep_layers, save_text_encoder
+from ldm_train.exports.transformers_clip import keep_layers, save_text_encoder
 from ldm_train.text_encoder import (
     TEXT_LAYERS,
     ClipTextEncoder,
@@ -36,46 +36,8 @@ OPEN_CLIP_KINDS = ["clip_export", "hub_folder", "named_safetensors", "named_chec
 TRANSFORMERS_KINDS = ["pipeline", "text_encoder_with_sibling_tokenizer", "text_model_folder"]
 
 
-def tiny_sd_pipeline() -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline of tiny random parts; its text encoder pads as SD 1.x's does."""
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT,
-        )
-    ).eval()
-    tokenizer = clip_tokenizer(CONTEXT)
-    tokenizer.pad_token = "<|endoftext|>"
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
-    vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, make_open_clip) -> dict:
+def sources(tmp_path_factory, make_open_clip, tiny_sd) -> dict:
     """Every kind stage.text_encoder takes, written into tmp: {kind: spec}, and the originals."""
     root = tmp_path_factory.mktemp("text_encoders")
     model, card = make_open_clip()
@@ -89,8 +51,7 @@ def sources(tmp_path_factory, make_open_clip) -> dict:
     safetensors.torch.save_file(weights, root / "open_clip.safetensors")
     training_checkpoint = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in weights.items()}}
     torch.save(training_checkpoint, root / "epoch_3.pt")
-    pipeline = tiny_sd_pipeline()
-    pipeline.save_pretrained(root / "sd")
+    pipeline, sd = tiny_sd
     pipeline.text_encoder.save_pretrained(root / "text_model")
     pipeline.tokenizer.save_pretrained(root / "text_model")
     specs = {
@@ -98,8 +59,8 @@ def sources(tmp_path_factory, make_open_clip) -> dict:
         "hub_folder": root / "hub",
         "named_safetensors": f"{CARD_NAME}:{root / 'open_clip.safetensors'}",
         "named_checkpoint": f"{CARD_NAME}:{root / 'epoch_3.pt'}",
-        "pipeline": root / "sd",
-        "text_encoder_with_sibling_tokenizer": root / "sd" / "text_encoder",
+        "pipeline": sd,
+        "text_encoder_with_sibling_tokenizer": sd / "text_encoder",
         "text_model_folder": root / "text_model",
     }
     return {"specs": specs, "open_clip": model, "pipeline": pipeline, "root": root}
@@ -170,7 +131,8 @@ def one_line_error(path: str | Path) -> str:
 
 def test_unknown_sources_are_one_line_errors_that_list_the_kinds(sources, tmp_path):
     root = sources["root"]
-    for path, found in ((root / "sd" / "vae", "none of these kinds"), (tmp_path / "no", "nothing")):
+    sd_vae = sources["specs"]["pipeline"] / "vae"
+    for path, found in ((sd_vae, "none of these kinds"), (tmp_path / "no", "nothing")):
         message = one_line_error(path)
         assert f"no CLIP export at {path}" in message and found in message
         for kind in ("open_clip_config.json", "NAME:FILE", "CLIPTextModel", "pipeline", "null"):

@@ -37,8 +37,10 @@ class SamplingOptions:
         check_choice("sampler", self.sampler, SAMPLERS)
         if self.steps < 1:
             raise UserError(f"steps={self.steps}; need at least 1 sampling step")
-        if self.guidance < 0:
-            raise UserError(f"guidance={self.guidance}; need a scale >= 0 (1: no guidance)")
+        if self.guidance < 1:
+            # As diffusers' pipelines read the scale (they guide only above 1), so that an export
+            # samples the same in both; the prompt "" gives unconditional samples.
+            raise UserError(f"guidance={self.guidance}; need a scale >= 1 (1: no guidance)")
         if self.batch_size < 1:
             raise UserError(f"batch_size={self.batch_size}; need >= 1")
 
@@ -112,7 +114,7 @@ def denoise(
     scheduler = build_sampler(options.sampler, scheduler_config, pixel_space)
     scheduler.set_timesteps(options.steps, device=device)
     width = unet.config.cross_attention_dim
-    guided = text_encoder is not None and options.guidance != 1.0
+    guided = text_encoder is not None and options.guidance > 1
     context = text_context(text_encoder, prompts, width, device)
     if guided:  # classifier-free guidance: one batch with the empty caption, one with the prompt
         context = torch.cat(

@@ -50,6 +50,7 @@ class LoadedClip:
     tokenizer: open_clip.tokenizer.SimpleTokenizer
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    card: dict  # the model card it was built from (open_clip.CLIP's arguments)
 
 
 def save_clip(net: open_clip.CLIP, model_cfg: dict, out_dir: Path, name: str) -> Path:
@@ -144,7 +145,7 @@ def clip_from_card(
         model, {"size": model.visual.image_size, **preprocess, "mean": mean, "std": std}
     )
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
-    return LoadedClip(model.to(device).eval(), tokenizer, mean, std)
+    return LoadedClip(model.to(device).eval(), tokenizer, mean, std, card)
 
 
 def check_weights_fit(expected: dict, given: dict, source: str) -> None:

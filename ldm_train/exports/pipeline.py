@@ -1,15 +1,27 @@
-"""The U-Net's export: one folder a user copies anywhere and generates from. stage=unet writes it at
-the end of a run (`python -m ldm_train.export` from any checkpoint); `generate`, the chain and the
-stage's validation samples all go through the one Pipeline object this module writes and reads.
+"""The U-Net's export: one folder a user copies anywhere and generates from, with
+`python -m ldm_train.generate` or diffusers' StableDiffusionPipeline. stage=unet writes it at the end
+of a run (`python -m ldm_train.export` from any checkpoint); generate, the chain and the stage's
+validation samples all go through the one Pipeline object this module writes and reads.
 
     export/
-      unet/                     the U-Net, diffusers format (the EMA weights after training)
-      scheduler/                the training noise scheduler, whose config the samplers start from
-      vae/                      the VAE (diffusers AutoencoderKL); absent in pixel space
-      text_encoder/             the text encoder's CLIP folder (ldm_train.exports.clip); absent
-                                for an unconditional U-Net
-      ldm_train_pipeline.json   the index: where those are, the text layer, the image size, the
-                                sampling defaults and the validation prompts
+      model_index.json          diffusers' index: the folder is a StableDiffusionPipeline
+      unet/                     UNet2DConditionModel (the EMA weights after training)
+      scheduler/                the scheduler of the default sampler (sampling.sampler), built from
+                                the training scheduler's config as generate builds it
+      vae/                      AutoencoderKL; absent in pixel space
+      text_encoder/ tokenizer/  transformers CLIPTextModel + CLIPTokenizer whose last_hidden_state is
+                                what the U-Net attends to (a penultimate layer is built in: its
+                                text_layer is "last"); absent for an unconditional U-Net
+      ldm_train_pipeline.json   what diffusers has no place for: the image size, the sampling
+                                defaults, the prompts, the training scheduler's config; and where
+                                the parts are (folders inside this one)
+
+StableDiffusionPipeline needs a VAE and a text encoder: a pixel-space or unconditional export is
+ldm_train's own format (the same folder without model_index.json; generate reads it), and so is one
+whose open_clip text tower a CLIPTextModel cannot hold (its CLIP folder is copied instead).
+Folders exported before model_index.json (no train_scheduler in the index) hold the training
+scheduler in scheduler/ and an open_clip folder in text_encoder/, read at the index's text_layer:
+load reads those too.
 """
 
 from __future__ import annotations
@@ -23,18 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt, sample
-from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS
+from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
 from ldm_train.diffusion.upstream import TextEncoder, vae_scale_factor
+from ldm_train.exports.transformers_clip import (
+    TEXT_ENCODER_DIR,
+    TOKENIZER_DIR,
+    load_text_encoder_folders,
+    save_text_encoder,
+)
+from ldm_train.text_encoder import TransformersTextEncoder, load_text_encoder
 
 log = logging.getLogger(__name__)
 
 INDEX = "ldm_train_pipeline.json"
-PARTS = ("unet", "scheduler", "vae", "text_encoder")
+MODEL_INDEX = StableDiffusionPipeline.config_name  # model_index.json
+SCHEDULER_CONFIG = SchedulerMixin.config_name  # scheduler_config.json
+PARTS = ("unet", "scheduler", "vae", TEXT_ENCODER_DIR, TOKENIZER_DIR)
 
 
 @dataclass
@@ -78,56 +99,128 @@ class Pipeline:
             self.unet.train(was_training)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the folder (see the module docstring); returns it."""
+        """Write the folder (see the module docstring) in place of an earlier export; returns it."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_parts(out_dir)
+        sampler = export_sampler(self.sampling.sampler, self.scheduler.config, self.vae is None)
         self.unet.save_pretrained(out_dir / "unet")
-        self.scheduler.save_pretrained(out_dir / "scheduler")
+        sampler.save_pretrained(out_dir / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(out_dir / "vae")
-        if self.text_encoder is not None:
-            source = getattr(self.text_encoder, "source_dir", None)
-            if source is None:
-                raise UserError("the text encoder has no source_dir (its CLIP folder) to copy")
-            shutil.copytree(source, out_dir / "text_encoder", dirs_exist_ok=True)
+        text_index, converted = write_text_encoder(self.text_encoder, out_dir)
+        problem = diffusers_problem(self.vae, self.text_encoder, converted)
+        if problem is None:
+            text_model, tokenizer = converted
+            StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=text_model,
+                tokenizer=tokenizer,
+                unet=self.unet,
+                scheduler=sampler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            ).save_config(out_dir)
         index = {
             "unet": "unet",
             "scheduler": "scheduler",
             "vae": "vae" if self.vae is not None else None,
-            "text_encoder": "text_encoder" if self.text_encoder is not None else None,
-            "text_layer": getattr(self.text_encoder, "layer", None),
+            **text_index,
             "image_size": self.image_size,
             "sampling": dataclasses.asdict(self.sampling),
             "prompts": self.prompts,
+            "train_scheduler": json.loads(self.scheduler.to_json_string()),
         }
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
-        log.info("exported the U-Net pipeline to %s", out_dir)
+        if problem is None:
+            log.info("exported the U-Net as a diffusers StableDiffusionPipeline to %s", out_dir)
+        else:
+            log.info(
+                "exported the U-Net to %s in ldm_train's own format (python -m ldm_train.generate "
+                "reads it), not as a diffusers StableDiffusionPipeline: %s",
+                out_dir,
+                problem,
+            )
         return out_dir
 
     @classmethod
     def load(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-        """Read a folder written by save, onto `device`, in eval mode."""
-        from ldm_train.text_encoder import load_text_encoder
-
+        """Read a folder written by save (or by save before model_index.json), onto `device`, in
+        eval mode."""
         export_dir = Path(export_dir)
         index = read_index(export_dir)
         parts = {name: part_folder(export_dir, index, name) for name in PARTS}
-        scheduler_config = json.loads((parts["scheduler"] / "scheduler_config.json").read_text())
-        vae = AutoencoderKL.from_pretrained(parts["vae"]) if parts["vae"] else None
-        text_encoder = None
-        if parts["text_encoder"]:
-            text_encoder = load_text_encoder(
-                parts["text_encoder"], index.get("text_layer") or "last"
-            )
+        vae = None
+        if parts["vae"] is not None:
+            vae = AutoencoderKL.from_pretrained(parts["vae"], local_files_only=True)
+        text_encoder = read_text_encoder(parts, index.get("text_layer") or "last")
+        unet = UNet2DConditionModel.from_pretrained(parts["unet"], local_files_only=True)
         return cls(
-            unet=UNet2DConditionModel.from_pretrained(parts["unet"]).to(device).eval(),
-            scheduler=train_scheduler_class(scheduler_config).from_config(scheduler_config),
+            unet=unet.to(device).eval(),
+            scheduler=train_scheduler(index, parts["scheduler"]),
             vae=vae.to(device).eval() if vae is not None else None,
             text_encoder=text_encoder.to(device) if text_encoder is not None else None,
             image_size=index["image_size"],
             sampling=SamplingOptions(**index.get("sampling", {})),
             prompts=list(index.get("prompts") or []),
         )
+
+
+def export_sampler(name: str, train_config: dict, pixel_space: bool) -> SchedulerMixin:
+    """The scheduler/ of the export: the sampler generate builds by default. steps_offset=1 is SD's
+    value: the trailing spacing build_sampler sets ignores it, and StableDiffusionPipeline
+    rewrites any other value (with a deprecation warning)."""
+    sampler = build_sampler(name, train_config, pixel_space)
+    sampler.register_to_config(steps_offset=1)
+    return sampler
+
+
+def write_text_encoder(
+    text_encoder: TextEncoder | None, out_dir: Path
+) -> tuple[dict, tuple | str | None]:
+    """(its index entries, (CLIPTextModel, CLIPTokenizer) or why a CLIPTextModel cannot hold it).
+    text_encoder/ + tokenizer/ in transformers' format, or else the open_clip folder it came from."""
+    if text_encoder is None:
+        return {"text_encoder": None, "tokenizer": None, "text_layer": None}, None
+    try:
+        converted = text_encoder.to_transformers()
+    except UserError as error:
+        source = getattr(text_encoder, "source_dir", None)
+        if source is None:
+            raise UserError(f"cannot export the text encoder: {error}") from error
+        shutil.copytree(source, out_dir / TEXT_ENCODER_DIR)
+        entries = {"text_encoder": TEXT_ENCODER_DIR, "tokenizer": None}
+        return {**entries, "text_layer": text_encoder.layer}, str(error)
+    save_text_encoder(*converted, out_dir)
+    entries = {"text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR, "text_layer": "last"}
+    return entries, converted
+
+
+def diffusers_problem(
+    vae: AutoencoderKL | None, text_encoder: TextEncoder | None, converted: tuple | str | None
+) -> str | None:
+    """Why a StableDiffusionPipeline cannot hold these parts; None if it can."""
+    if vae is None:
+        return "it works in pixel space (stage.vae=null) and StableDiffusionPipeline needs a VAE"
+    if text_encoder is None:
+        return "it is unconditional (stage.text_encoder=null); StableDiffusionPipeline needs one"
+    if isinstance(converted, str):
+        return converted
+    if vae.config.get("shift_factor"):
+        return "its VAE has a shift_factor, which StableDiffusionPipeline does not apply"
+    return None
+
+
+def remove_parts(out_dir: Path) -> None:
+    """An earlier export in the folder goes first: a stale part (an open_clip text_encoder/, a
+    model_index.json) would be read as part of this one. Only the names this module writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*PARTS, MODEL_INDEX, INDEX):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def read_index(export_dir: Path) -> dict:
@@ -155,8 +248,40 @@ def part_folder(export_dir: Path, index: dict, name: str) -> Path | None:
     return folder
 
 
+def pipeline_part(path: str | Path, name: str) -> Path | None:
+    """The folder of a part (unet, vae, ...) of a pipeline folder: an export (by its index) or any
+    diffusers pipeline (model_index.json; parts in subfolders of their names); None if there is
+    no such part or path is no pipeline folder."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        return part_folder(path, read_index(path), name)
+    if (path / MODEL_INDEX).is_file() and (path / name).is_dir():
+        return path / name
+    return None
+
+
+def read_text_encoder(parts: dict[str, Path | None], layer: str) -> TextEncoder | None:
+    """transformers' text_encoder/ + tokenizer/, or (exports before model_index.json, or a tower a
+    CLIPTextModel cannot hold) an open_clip folder in text_encoder/."""
+    if parts[TEXT_ENCODER_DIR] is None:
+        return None
+    if parts[TOKENIZER_DIR] is None:
+        return load_text_encoder(parts[TEXT_ENCODER_DIR], layer)
+    model, tokenizer = load_text_encoder_folders(parts[TEXT_ENCODER_DIR], parts[TOKENIZER_DIR])
+    return TransformersTextEncoder(model, tokenizer, layer)
+
+
+def train_scheduler(index: dict, scheduler_dir: Path) -> SchedulerMixin:
+    """The training noise scheduler: its config in the index (before model_index.json,
+    scheduler/ held it)."""
+    config = index.get("train_scheduler")
+    if config is None:
+        config = json.loads((scheduler_dir / SCHEDULER_CONFIG).read_text())
+    return train_scheduler_class(config).from_config(config)
+
+
 def train_scheduler_class(config: dict) -> type[SchedulerMixin]:
-    """The scheduler class a scheduler_config.json names, from the ones stage=unet trains with."""
+    """The scheduler class a scheduler config names, from the ones stage=unet trains with."""
     by_name = {cls.__name__: cls for cls in TRAIN_SCHEDULERS.values()}
     name = config.get("_class_name")
     if name not in by_name:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,7 @@ import open_clip
 import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from ldm_train.config import UserError, check_choice
 
@@ -186,16 +189,30 @@ def keep_layers(text_model: CLIPTextModel, layers: int) -> CLIPTextModel:
     return text_model
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers 5 draws a progress bar whenever it loads or saves a model: noise on a CLI's
+    stderr."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_text_encoder(text_model: CLIPTextModel, tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Write a pipeline's text_encoder/ and tokenizer/ into folder, in the layout every
     transformers version and SD's checkpoint converters read: weights named text_model.* (as
     transformers 4 writes them; 5 drops the prefix and reads both), vocab.json + merges.txt
     besides tokenizer.json (transformers 4's slow CLIPTokenizer reads only those)."""
     weights = transformer(text_model).state_dict()
-    text_model.save_pretrained(
-        Path(folder) / TEXT_ENCODER_DIR,
-        state_dict={f"text_model.{k}": v for k, v in weights.items()},
-    )
+    with quiet_progress():
+        text_model.save_pretrained(
+            Path(folder) / TEXT_ENCODER_DIR,
+            state_dict={f"text_model.{k}": v for k, v in weights.items()},
+        )
     tokenizer_dir = Path(folder) / TOKENIZER_DIR
     tokenizer.save_pretrained(tokenizer_dir)
     if not (tokenizer_dir / "vocab.json").is_file():
@@ -230,6 +247,8 @@ def load_text_encoder_folders(
     model_dir: Path, tokenizer_dir: Path
 ) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """Read both, from disk only; float32 as our own encoders (fp16 folders are upcast)."""
-    text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True).float().eval()
+    with quiet_progress():
+        text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+    text_model = text_model.float().eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     return text_model, tokenizer

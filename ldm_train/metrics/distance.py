@@ -59,7 +59,8 @@ class FeatureFD(FrechetInceptionDistance):
 class FeatureKID(KernelInceptionDistance):
     """torchmetrics' KID on precomputed features: update(features, real). Its subset size shrinks
     to the smaller set when that has fewer than `subset_size` images (torchmetrics raises), and the
-    subsets are drawn from a fixed seed without touching the global random state."""
+    subsets are drawn from a fixed seed without touching the global random state. When a subset
+    holds both whole sets, all subsets are alike: one is computed (std 0)."""
 
     def __init__(self, num_features: int, subsets: int = 100, subset_size: int = 1000, **kwargs):
         # torchmetrics warns that KID keeps every feature: known, and the caller bounds the images.
@@ -96,6 +97,12 @@ class FeatureKID(KernelInceptionDistance):
         n_fake = len(dim_zero_cat(self.fake_features))
         check_sizes("KID", n_real, n_fake)
         self.subset_size = min(self.max_subset_size, n_real, n_fake)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(KID_SEED)
-            return super().compute()
+        subsets = self.subsets
+        if self.subset_size == n_real == n_fake:  # every subset is both whole sets: one will do
+            self.subsets = 1  # (a VAE's 512 reconstructions: 100 x the same 512 x 512 kernels)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(KID_SEED)
+                return super().compute()
+        finally:
+            self.subsets = subsets

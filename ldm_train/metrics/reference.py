@@ -3,7 +3,7 @@ for (data.prompts when set, else the first captions of the validation shards, wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,21 +24,32 @@ class ValidationSet:
     metas: list[dict] = field(default_factory=list)
 
 
+def validation_batches(
+    urls: str | Sequence[str], loader: LoaderConfig, limit: int, option: str = "data.val_urls"
+) -> Iterator[dict]:
+    """The batches of one deterministic pass over the shards (the validation loader's decoding and
+    centre crop), in this process, up to `limit` samples (the last batch cut to fit)."""
+    expanded = expand_urls(urls)
+    check_shards_exist(expanded, option)
+    seen = 0
+    for batch in ValStream(expanded, loader):
+        keep = min(len(batch["caption"]), limit - seen)
+        yield {key: batch[key][:keep] for key in ("image", "caption", "meta")}
+        seen += keep
+        if seen >= limit:
+            return
+
+
 def read_validation(
     urls: str | Sequence[str], loader: LoaderConfig, limit: int, option: str = "data.val_urls"
 ) -> ValidationSet:
-    """Up to `limit` samples of one deterministic pass over the shards (the validation loader's
-    decoding and centre crop), in this process."""
-    expanded = expand_urls(urls)
-    check_shards_exist(expanded, option)
+    """The first `limit` samples of validation_batches, held in memory."""
     images, captions, metas = [], [], []
-    for batch in ValStream(expanded, loader):
+    for batch in validation_batches(urls, loader, limit, option):
         images.append(batch["image"])
         captions += batch["caption"]
         metas += batch["meta"]
-        if len(captions) >= limit:
-            break
-    return ValidationSet(torch.cat(images)[:limit], captions[:limit], metas[:limit])
+    return ValidationSet(torch.cat(images), captions, metas)
 
 
 def loader_options(data: Mapping[str, Any], image_size: int, batch_size: int = 64) -> LoaderConfig:

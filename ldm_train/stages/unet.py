@@ -14,28 +14,35 @@ parts), the noise scheduler, the Conditioning, the LatentEncoder, the objective 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 
-from ldm_train.callbacks.images import image_grid, log_image
+from ldm_train.callbacks.images import log_image_rows
 from ldm_train.config import UserError
 from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.latents import LatentEncoder
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
-from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.diffusion.sampler import sample
 from ldm_train.diffusion.upstream import encode_images
 from ldm_train.exports.pipeline import Pipeline
+from ldm_train.metrics.reference import prompt_labels
+from ldm_train.metrics.validation import SampleOptions, ValidationSamples
 from ldm_train.perf import Perf, unet_training_flops
+from ldm_train.pretrained import check_unet_fits, is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
+
+log = logging.getLogger(__name__)
 
 UnetFactory = Callable[..., UNet2DConditionModel]
 VALIDATION_SEED = (
@@ -45,34 +52,19 @@ VALIDATION_SEED = (
 
 def prompt_captions(prompts: Sequence[Any] | None) -> list[str]:
     """Prompts from config: strings, or dicts with a "caption" (and label keys for evaluation)."""
-    if prompts is None:
-        return []
-    if isinstance(prompts, DictConfig | ListConfig):
-        prompts = OmegaConf.to_container(prompts, resolve=True)
-    captions = []
-    for prompt in prompts:
-        caption = prompt.get("caption") if isinstance(prompt, Mapping) else prompt
-        if not isinstance(caption, str):
-            raise UserError(f"a prompt must be a string or have a 'caption' string, got {prompt!r}")
-        captions.append(caption)
-    return captions
+    return prompt_labels(prompts or [])[0]
 
 
 @dataclass
-class ValidationOptions:
-    """What a validation measures besides the loss (config stage.module.validation): val/mse at
-    `timesteps` evenly spaced timesteps with fixed noise, and a grid of samples_per_prompt samples
-    for each prompt, drawn with `sampling` (also the export's sampling defaults)."""
+class ValidationOptions(SampleOptions):
+    """What a validation measures (config stage.module.validation): val/mse at `timesteps` evenly
+    spaced timesteps with fixed noise, and samples (SampleOptions: a grid with a caption per prompt,
+    measured), drawn with `sampling` (also the export's sampling defaults)."""
 
     timesteps: int = 5
-    prompts: list[str] = field(default_factory=list)
-    samples_per_prompt: int = 4
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self) -> None:
-        self.prompts = prompt_captions(self.prompts)
-        if isinstance(self.sampling, Mapping):
-            self.sampling = SamplingOptions(**self.sampling)
+        super().__post_init__()
         if self.timesteps < 1:
             raise UserError(f"stage.module.validation.timesteps={self.timesteps}; need >= 1")
 
@@ -80,6 +72,15 @@ class ValidationOptions:
     def parse(cls, options: ValidationOptions | Mapping | None) -> ValidationOptions:
         """From the config's mapping (or as given)."""
         return options if isinstance(options, cls) else cls(**(options or {}))
+
+
+class SamplesBeforeEMA(L.Callback):
+    """Draws the validation samples as a callback listed before the EMA's: Lightning runs the
+    callbacks' on_validation_epoch_end before the module's, and the EMA callback swaps the training
+    weights back in there, so the module's own hook would sample with those."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: UnetStage) -> None:
+        pl_module.validate_samples()
 
 
 def build_net(
@@ -96,6 +97,8 @@ def build_net(
             "sample_size": sample_size,
         }
         net = net(**{k: v for k, v in fill.items() if given.get(k) is None})
+    elif is_pretrained(net):
+        check_unet_fits(net, in_channels, context_width)
     where = "the VAE's latent channels" if in_channels != 3 else "the image channels"
     if net.config.in_channels != in_channels:
         raise UserError(
@@ -145,8 +148,7 @@ class UnetStage(StageModule):
         validation: ValidationOptions | Mapping | None = None,
         perf: Perf | None = None,
     ):
-        """net: a UNet2DConditionModel, or its preset as a partial whose null sizes follow the
-        latents and the conditioning (by default: pixel space, unconditional)."""
+        """net: a UNet2DConditionModel, or its preset (a partial) sized from the parts."""
         super().__init__(optimizer, lr_scheduler, perf)
         self.conditioning = conditioning or Conditioning()
         self.latents = latents or LatentEncoder()
@@ -156,16 +158,33 @@ class UnetStage(StageModule):
         self.loss = loss or DiffusionObjective()
         self.ema_decay, self.seed = check_ema_decay(ema_decay), seed
         self.validation = ValidationOptions.parse(validation)
+        self.samples = ValidationSamples(self.validation)
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.fixed_timesteps())
-        self._batch_shapes: tuple | None = None  # (x0, context) of the latest training batch
-        self._flops: dict[tuple, int] = {}
+        # (x0, context) shapes of the latest training batch; FLOPs per batch shape
+        self._batch_shapes, self._flops = None, {}
 
     def trainable_parameters(self):
         return self.net.parameters()
 
     def configure_callbacks(self):
-        return [EMA(self.ema_decay)] if self.ema_decay is not None else []
+        ema = [EMA(self.ema_decay)] if self.ema_decay is not None else []
+        return [SamplesBeforeEMA(), *ema]
+
+    def setup(self, stage: str) -> None:
+        """Every rank reads the validation prompts alike: data.prompts, else val captions."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.samples.prepare(
+            getattr(datamodule, "val_urls", None),
+            getattr(datamodule, "loader", None),
+            self.conditioning.conditional,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["validation_samples"] = self.samples.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.samples.load_state_dict(checkpoint.get("validation_samples", {}))
 
     def pipeline(self) -> Pipeline:
         """The stage's parts as a Pipeline: what validation samples with and export writes."""
@@ -176,7 +195,7 @@ class UnetStage(StageModule):
             text_encoder=self.conditioning.text_encoder(self.device),
             image_size=self.latents.image_size,
             sampling=self.validation.sampling,
-            prompts=self.validation.prompts,
+            prompts=self.samples.prompts,
         )
 
     # -- training ---------------------------------------------------------------------------------
@@ -239,16 +258,43 @@ class UnetStage(StageModule):
         for metric, step in zip(self.val_loss_at, self.fixed_timesteps(), strict=True):
             self.log(f"val/mse_t{step:04d}", metric, batch_size=len(x0))
 
-    def on_validation_epoch_end(self) -> None:
-        trainer, prompts, n = (
-            self.trainer,
-            self.validation.prompts,
-            self.validation.samples_per_prompt,
+    def validate_samples(self) -> None:
+        """Every k-th validation, on every rank (SamplesBeforeEMA calls it, the EMA weights in):
+        the samples of the prompts, shared by the ranks, as a captioned grid and measured."""
+        trainer = self.trainer
+        if trainer.sanity_checking or not self.samples.due():
+            return
+        started = time.monotonic()
+        world = trainer.world_size
+        images, figures = self.samples.draw(
+            self.draw_images,
+            self.global_rank,
+            world,
+            lambda tensor: self.all_gather(tensor).reshape(world, *tensor.shape),
+            self.device,
         )
-        if prompts and n > 0 and trainer.is_global_zero and not trainer.sanity_checking:
-            images = self.pipeline().generate(prompts, n)  # the EMA weights during validation
-            rows = images.view(len(prompts), n, *images.shape[1:])
-            log_image(trainer, "samples", image_grid(list(rows), max_columns=n))
+        for name, value in figures.items():  # already reduced over ranks by torchmetrics
+            self.log(f"val/{name}", value, sync_dist=True)
+        prompts = self.samples.prompts
+        rows = list(images.view(len(prompts), -1, *images.shape[1:]))
+        log_image_rows(trainer, "samples", rows, prompts, value_range=(0, 255))
+        if trainer.is_global_zero:
+            seconds = time.monotonic() - started
+            log.info("validation samples: %d images in %.1f s", self.samples.drawn, seconds)
+
+    def draw_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images for prompts[i] from the noise of seeds[i], with the weights the module holds."""
+        pipe = self.pipeline()
+        return sample(
+            pipe.unet,
+            dict(pipe.scheduler.config),
+            prompts,
+            seeds,
+            pipe.latent_shape,
+            pipe.sampling,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+        )
 
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
     def export(self, out_dir):

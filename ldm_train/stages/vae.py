@@ -2,7 +2,9 @@
 
 Training logs each loss term as train/<name> and their sum as train/loss; with the discriminator on,
 its hinge loss is train/disc (its own optimizer, not part of train/loss). Validation logs
-val/rec, val/psnr and val/ssim (images in [0, 1]), an image grid of inputs above reconstructions,
+val/rec, val/psnr and val/ssim (images in [0, 1]), the reconstruction Fréchet distance and KID
+(val/rfd_clip, val/rkid_clip; val/rfid_inception ...: ldm_train.metrics.validation), an image grid
+of inputs above reconstructions,
 and measures the latent scale: 1 / std of the posterior samples over the validation pass
 (latent-diffusion's scale_by_std, over every validation batch instead of one training batch). The
 scale is a buffer, so checkpoints carry it, and export() writes it into the diffusers config as
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +38,9 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.config import UserError
 from ldm_train.losses.autoencoder import AutoencoderLoss
+from ldm_train.metrics.validation import MetricOptions, ReconstructionMetrics
 from ldm_train.perf import Perf
+from ldm_train.pretrained import is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
@@ -56,14 +61,16 @@ class VaeStage(StageModule):
         posterior_logvar_init: float | None = None,
         perf: Perf | None = None,
         seed: int = 0,
+        metrics: MetricOptions | Mapping | None = None,
     ):
+        """metrics: the reconstruction distances' CLIP and features (None: no rFD)."""
         super().__init__(optimizer, lr_scheduler, perf)
         if loss.discriminator is not None and disc_optimizer is None:
             raise UserError(
                 "the discriminator is on (stage.module.loss.disc_weight > 0) but "
                 "stage.module.disc_optimizer is null"
             )
-        if posterior_logvar_init is not None:
+        if posterior_logvar_init is not None and not is_pretrained(net):  # an init, not a change
             init_posterior_logvar(net, posterior_logvar_init)
         self.net = self.perf.apply(net)
         self.seed = seed  # posterior samples: from (seed, rank, step), so resumes are exact
@@ -82,6 +89,7 @@ class VaeStage(StageModule):
         self.register_buffer("latent_scale", torch.zeros(()))
         self._grid_rows: list[torch.Tensor] = []
         self._latent_generator: torch.Generator | None = None
+        self.reconstruction_metrics = ReconstructionMetrics(metrics)
 
     # -- optimizers --------------------------------------------------------------------------
 
@@ -175,6 +183,9 @@ class VaeStage(StageModule):
 
     # -- validation --------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        self.reconstruction_metrics.prepare()
+
     def on_validation_epoch_start(self) -> None:
         self._latent_generator = torch.Generator(self.device).manual_seed(self.LATENT_SEED)
         self._grid_rows = []
@@ -194,6 +205,8 @@ class VaeStage(StageModule):
         self.log("val/rec", self.val_rec, batch_size=size)
         self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=size)
         self.log("val/ssim", self.val_ssim, batch_size=size)
+        if not self.trainer.sanity_checking:  # the reference: the first validation's images
+            self.reconstruction_metrics.update(images, reconstruction)
         if batch_idx == 0:
             self._grid_rows = [images[: self.grid_images], reconstruction[: self.grid_images]]
 
@@ -208,6 +221,9 @@ class VaeStage(StageModule):
             self.log("val/latent_scale", self.latent_scale.clone(), sync_dist=True)
         self.latent_mean.reset()
         self.latent_square.reset()
+        if not self.trainer.sanity_checking:  # every rank: the metrics gather across ranks
+            for name, value in self.reconstruction_metrics.compute(self.device).items():
+                self.log(f"val/{name}", value, sync_dist=True)
         if self._grid_rows:
             log_image(self.trainer, "vae", image_grid(self._grid_rows))
             self._grid_rows = []

@@ -1,0 +1,165 @@
+"""Start a stage from existing weights: `model.pretrained=PATH` (null: the preset, randomly
+initialised).
+
+    stage=unet  a UNet2DConditionModel folder (config.json + weights), or a pipeline folder: its
+                unet/ (Stable Diffusion's, or a stage=unet export)
+    stage=vae   an AutoencoderKL folder, or a pipeline folder: its vae/
+    stage=clip  a CLIP export or open_clip hub folder (open_clip_config.json), NAME:FILE (open_clip's
+                model card NAME and a weights file), or a weights file for the preset's model card
+
+The architecture comes with the weights (a folder's config.json or open_clip_config.json, the card
+NAME), and model.net's sizes are not used. A bare weights file has no config: it takes the preset's
+(model=clip/ViT-H-14 for ViT-H-14 weights), and weights that do not fit it stop the run with one
+line naming the first difference. Reading never runs code: safetensors, or torch files with
+weights_only=True, from disk only.
+
+The weights are loaded when the stage is built, so the first step starts from exactly them with a
+fresh optimizer and data position (a new run directory, or resume=never); a resumed run loads its
+checkpoint over them and continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from omegaconf import DictConfig
+
+from ldm_train.config import UserError
+from ldm_train.exports.clip import (
+    check_weights_fit,
+    is_clip_folder,
+    load_clip,
+    load_named_clip,
+    read_weights,
+)
+from ldm_train.exports.pipeline import pipeline_part
+from ldm_train.text_encoder import parse_named
+from ldm_train.train import build
+
+log = logging.getLogger(__name__)
+
+SOURCE = "pretrained_from"  # the attribute that marks a net as loaded here: where from
+FROM_DISK: dict[str, Any] = {
+    "local_files_only": True,
+    "torch_dtype": torch.float32,
+    # diffusers' default without accelerate installed warns, then loads as with False.
+    "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
+}
+OWN_CONFIG = "the architecture of its config; model.net's sizes are not used"
+PRESET = "the preset's architecture"
+
+
+def is_pretrained(net: object) -> bool:
+    return getattr(net, SOURCE, None) is not None
+
+
+def unet_net(net: DictConfig, pretrained: str | None = None) -> Any:
+    """stage=unet's net: the preset (a partial whose null sizes the stage fills from the VAE and
+    the text encoder) or the U-Net of `pretrained`."""
+    if pretrained is None:
+        return build(net)
+    folder = model_folder(pretrained, "unet", UNet2DConditionModel)
+    return marked(read_model(UNet2DConditionModel, folder), folder)
+
+
+def vae_net(net: DictConfig, pretrained: str | None = None) -> AutoencoderKL:
+    """stage=vae's net: the preset's AutoencoderKL or the one of `pretrained`."""
+    if pretrained is None:
+        return build(net)
+    folder = model_folder(pretrained, "vae", AutoencoderKL)
+    return marked(read_model(AutoencoderKL, folder), folder)
+
+
+def clip_net(
+    net: DictConfig, pretrained: str | None = None, context_length: int | None = None
+) -> open_clip.CLIP:
+    """stage=clip's net: the preset's CLIP (ldm_train.stages.clip.build_clip) or `pretrained`'s,
+    with its model card as net.model_cfg (what the stage exports). context_length: the stage's
+    tokenizer's, which the text tower must read."""
+    if pretrained is None:
+        return build(net)
+    named = parse_named(str(pretrained))
+    if is_clip_folder(pretrained):
+        loaded = load_clip(pretrained)
+    elif named is not None:
+        loaded = load_named_clip(*named)
+    elif Path(pretrained).is_file():
+        return marked(preset_with_weights(net, Path(pretrained)), pretrained, PRESET)
+    else:
+        raise UserError(
+            f"model.pretrained={pretrained}: not a CLIP export or open_clip hub folder "
+            "(open_clip_config.json), nor NAME:FILE, nor a weights file; stage=clip takes those"
+        )
+    if context_length is not None and loaded.model.context_length != context_length:
+        raise UserError(
+            f"model.pretrained={pretrained}: its text tower reads {loaded.model.context_length} "
+            f"tokens, the tokenizer gives {context_length}: set "
+            f"model.context_length={loaded.model.context_length}"
+        )
+    loaded.model.model_cfg = loaded.card
+    return marked(loaded.model, pretrained)
+
+
+def preset_with_weights(net: DictConfig, weights: Path) -> open_clip.CLIP:
+    """The preset's CLIP with the weights of a file made for the same card."""
+    model = build(net)
+    state = read_weights(weights)
+    check_weights_fit(model.state_dict(), state, f"model.pretrained={weights}")
+    model.load_state_dict(state)
+    return model
+
+
+def model_folder(path: str | Path, part: str, cls: type) -> Path:
+    """The folder of a `cls` at path: path itself (its config.json names the class) or, for a
+    pipeline folder, its `part` subfolder. One-line errors for anything else."""
+    path = Path(path)
+    folder = pipeline_part(path, part) or path
+    config = folder / cls.config_name
+    accepted = f"stage={part} takes a {cls.__name__} folder or a diffusers pipeline folder"
+    if not config.is_file():
+        found = "no config.json there" if path.exists() else "nothing there"
+        raise UserError(f"model.pretrained={path}: {found} nor in {part}/; {accepted}")
+    fields = json.loads(config.read_text())
+    name = fields.get("_class_name") or fields.get("model_type") or "model of another kind"
+    if name != cls.__name__:
+        raise UserError(f"model.pretrained={path}: {config} is a {name}; {accepted}")
+    return folder
+
+
+def read_model(cls: type, folder: Path) -> Any:
+    """cls.from_pretrained(folder) from disk in float32; a folder without its weights file is a
+    one-line error."""
+    try:
+        return cls.from_pretrained(folder, **FROM_DISK)
+    except OSError as error:  # diffusers: "Error no file named diffusion_pytorch_model.bin ..."
+        raise UserError(f"model.pretrained: {folder}: {str(error).splitlines()[0]}") from error
+
+
+def marked(net: torch.nn.Module, source: str | Path, architecture: str = OWN_CONFIG) -> Any:
+    """The net in training mode (from_pretrained gives eval mode), marked as pretrained
+    (is_pretrained), and a log line saying from where."""
+    net.train()
+    setattr(net, SOURCE, str(source))
+    log.info("model.pretrained: %s from %s (%s)", type(net).__name__, source, architecture)
+    return net
+
+
+def check_unet_fits(net: UNet2DConditionModel, in_channels: int, context_width: int) -> None:
+    """A pretrained U-Net keeps its architecture: the upstream parts must fit it."""
+    for key, value, given in (
+        ("in_channels", in_channels, "stage.vae's latent channels (3 without a VAE)"),
+        ("cross_attention_dim", context_width, "stage.text_encoder's width"),
+    ):
+        if net.config[key] != value:
+            raise UserError(
+                f"model.pretrained={getattr(net, SOURCE)}: its U-Net has {key}={net.config[key]} "
+                f"but {given} is {value}: pick a VAE and a text encoder that fit it (e.g. those "
+                "of its pipeline folder: stage.vae=<folder> stage.text_encoder=<folder>)"
+            )
