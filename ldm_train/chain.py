@@ -29,8 +29,8 @@ from ldm_train.diffusion.evaluate import prompt_accuracy
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.sizes import generate_sized, prompt_sizes, save_rows
 from ldm_train.exports.pipeline import Pipeline
+from ldm_train.metrics.reference import prompt_labels
 from ldm_train.rundir import RunDir
-from ldm_train.stages.unet import prompt_captions
 from ldm_train.train import train
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def evaluate(cfg: DictConfig, unet_export: Path, clip_export: Path, out_dir: Pat
     """Generate n images per prompt of data.prompts, save them with a grid, and measure with the
     trained CLIP how many show the shape and colour (the data.zero_shot tasks) their prompt names."""
     prompts = OmegaConf.to_container(cfg.data.get("prompts") or [], resolve=True)
-    captions = prompt_captions(prompts)
+    captions = prompt_labels(prompts)[0]
     if not captions:
         log.info("chain: no data.prompts, nothing to generate")
         return {}

@@ -1,5 +1,6 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
-    [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp] --out DIR
+    [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp]
+    [--width W --height H] --out DIR
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
 diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
@@ -74,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance scale; 1: none")
     parser.add_argument("--sampler", choices=["ddim", "euler", "dpmpp"], default="ddim")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--width", type=int, help="pixels (default: the export's image size)")
+    parser.add_argument("--height", type=int, help="pixels (default: the export's image size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
     args = parser.parse_args(argv)
@@ -96,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
         )
-        images = pipeline.generate(prompts, args.n, options)
+        size = (args.width or pipeline.image_size, args.height or pipeline.image_size)
+        images = pipeline.generate(prompts, args.n, options, size=size)
         paths = save_images(images, prompts, args.n, args.seed, args.out)
     except UserError as error:
         print(f"ldm_train.generate: error: {error}", file=sys.stderr)

@@ -211,3 +211,13 @@ def test_a_unet_continues_from_earlier_weights_at_a_new_image_size(trained, unet
         == 48
     )
     assert torch.isfinite(torch.tensor(metrics["train/mse"]))
+
+
+@pytest.mark.slow
+def test_generate_cli_takes_a_width_and_a_height(trained, tmp_path, run_cli):
+    out = tmp_path / "wide"
+    args = ["-m", "ldm_train.generate", str(trained[1]), "--prompt", "a red circle", "--n", "2"]
+    run_cli([*args, "--steps", "2", "--width", "48", "--height", "32", "--out", str(out)], tmp_path)
+    assert Image.open(out / "000-001.png").size == (48, 32)
+    bad = run_cli([*args, "--width", "30", "--out", str(out)], tmp_path, check=False)
+    assert bad.returncode == 2 and "multiples of 4" in bad.stderr

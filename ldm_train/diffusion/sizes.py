@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 
 from ldm_train.callbacks.images import image_grid
 from ldm_train.config import UserError
-from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, per_prompt, sample
+from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, sample
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -45,27 +45,48 @@ def generate_sized(
     prompt. pipeline: an ldm_train.exports.pipeline.Pipeline (its U-Net runs in eval mode and is
     put back as it was)."""
     rows: list[torch.Tensor | None] = [None] * len(prompts)
-    was_training = pipeline.unet.training
-    pipeline.unet.eval()
-    try:
-        for size in dict.fromkeys(sizes):  # each size once, in the order of first use
-            indices = [i for i, s in enumerate(sizes) if s == size]
-            repeated, seeds = per_prompt([prompts[i] for i in indices], n, options.seed)
-            images = sample(
-                pipeline.unet,
-                dict(pipeline.scheduler.config),
-                repeated,
-                seeds,
-                latent_shape(pipeline.unet, pipeline.vae, size),
-                options,
-                vae=pipeline.vae,
-                text_encoder=pipeline.text_encoder,
-            )
-            for i, row in zip(indices, images.split(n), strict=True):
-                rows[i] = row
-    finally:
-        pipeline.unet.train(was_training)
+    for size in dict.fromkeys(sizes):  # each size once, in the order of first use
+        indices = [i for i, s in enumerate(sizes) if s == size]
+        images = pipeline.generate([prompts[i] for i in indices], n, options, size=size)
+        for i, row in zip(indices, images.split(n), strict=True):
+            rows[i] = row
     return rows
+
+
+def caption_sizes(prompts: Sequence[Any]) -> dict[str, Size]:
+    """{caption: (width, height)} of the data.prompts entries that carry a size (both sides)."""
+    sized = [p for p in prompts if isinstance(p, Mapping) and {"width", "height"} & set(p)]
+    return {p["caption"]: size for p, size in zip(sized, prompt_sizes(sized, 0), strict=True)}
+
+
+@torch.no_grad()
+def sample_sized(
+    pipeline: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sizes: Sequence[Size | None],
+    canvas: Size,
+) -> torch.Tensor:
+    """prompts[i] from the noise of seeds[i] at sizes[i] (None: the pipeline's square), in the
+    order given, with the pipeline's sampling options, each padded with white to canvas (width,
+    height) so that they stack: the validation grid's images, drawn with the module's weights."""
+    images: list[torch.Tensor | None] = [None] * len(prompts)
+    for size in dict.fromkeys(sizes):  # each size once, in the order of first use
+        indices = [i for i, s in enumerate(sizes) if s == size]
+        shape = latent_shape(pipeline.unet, pipeline.vae, size) if size else pipeline.latent_shape
+        drawn = sample(
+            pipeline.unet,
+            dict(pipeline.scheduler.config),
+            [prompts[i] for i in indices],
+            [seeds[i] for i in indices],
+            shape,
+            pipeline.sampling,
+            vae=pipeline.vae,
+            text_encoder=pipeline.text_encoder,
+        )
+        for i, image in zip(indices, pad_to(drawn, canvas[1], canvas[0]), strict=True):
+            images[i] = image
+    return torch.stack(images)
 
 
 def pad_to(images: torch.Tensor, height: int, width: int, value: float = 1.0) -> torch.Tensor:

@@ -39,7 +39,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm_train.config import UserError
-from ldm_train.diffusion.sampler import SamplingOptions, per_prompt, sample
+from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, per_prompt, sample
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
 from ldm_train.diffusion.upstream import TextEncoder, vae_scale_factor
 from ldm_train.exports.transformers_clip import (
@@ -76,11 +76,17 @@ class Pipeline:
         return (self.unet.config.in_channels, side, side)
 
     def generate(
-        self, prompts: Sequence[str], n: int, options: SamplingOptions | None = None
+        self,
+        prompts: Sequence[str],
+        n: int,
+        options: SamplingOptions | None = None,
+        size: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """n images per prompt (prompt-major) in [-1, 1]; image j from seed options.seed + j.
+        """n images per prompt (prompt-major) in [-1, 1]; image j from seed options.seed + j; at
+        size = (width, height), multiples of the VAE's factor (default: image_size square).
         The U-Net runs in eval mode and is put back as it was."""
         options = options or self.sampling
+        shape = self.latent_shape if size is None else latent_shape(self.unet, self.vae, size)
         repeated, seeds = per_prompt(prompts, n, options.seed)
         was_training = self.unet.training
         self.unet.eval()
@@ -90,7 +96,7 @@ class Pipeline:
                 dict(self.scheduler.config),
                 repeated,
                 seeds,
-                self.latent_shape,
+                shape,
                 options,
                 vae=self.vae,
                 text_encoder=self.text_encoder,

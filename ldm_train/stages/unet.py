@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from ldm_train.callbacks.images import log_image_rows
@@ -33,10 +34,9 @@ from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.latents import LatentEncoder
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
-from ldm_train.diffusion.sampler import sample
+from ldm_train.diffusion.sizes import caption_sizes, sample_sized
 from ldm_train.diffusion.upstream import encode_images
 from ldm_train.exports.pipeline import Pipeline
-from ldm_train.metrics.reference import prompt_labels
 from ldm_train.metrics.validation import SampleOptions, ValidationSamples
 from ldm_train.perf import Perf, unet_training_flops
 from ldm_train.pretrained import check_unet_fits, is_pretrained
@@ -50,11 +50,6 @@ VALIDATION_SEED = (
 )
 
 
-def prompt_captions(prompts: Sequence[Any] | None) -> list[str]:
-    """Prompts from config: strings, or dicts with a "caption" (and label keys for evaluation)."""
-    return prompt_labels(prompts or [])[0]
-
-
 @dataclass
 class ValidationOptions(SampleOptions):
     """What a validation measures (config stage.module.validation): val/mse at `timesteps` evenly
@@ -64,6 +59,10 @@ class ValidationOptions(SampleOptions):
     timesteps: int = 5
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, DictConfig | ListConfig):
+            self.prompts = OmegaConf.to_container(self.prompts, resolve=True)
+        # data.prompts entries may carry a width and a height (ldm_train.diffusion.sizes)
+        self.sizes = caption_sizes(self.prompts or [])
         super().__post_init__()
         if self.timesteps < 1:
             raise UserError(f"stage.module.validation.timesteps={self.timesteps}; need >= 1")
@@ -285,16 +284,11 @@ class UnetStage(StageModule):
     def draw_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Images for prompts[i] from the noise of seeds[i], with the weights the module holds."""
         pipe = self.pipeline()
-        return sample(
-            pipe.unet,
-            dict(pipe.scheduler.config),
-            prompts,
-            seeds,
-            pipe.latent_shape,
-            pipe.sampling,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-        )
+        sizes = [self.validation.sizes.get(prompt) for prompt in prompts]
+        # One canvas on every rank (the images are gathered): the largest of all the sizes.
+        every = [*self.validation.sizes.values(), (pipe.image_size, pipe.image_size)]
+        canvas = (max(width for width, _ in every), max(height for _, height in every))
+        return sample_sized(pipe, prompts, seeds, sizes, canvas)
 
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
     def export(self, out_dir):
