@@ -16,6 +16,7 @@ CpuFSDPStrategy runs Lightning's FSDPStrategy on the CPU (gloo), to rehearse tra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -49,6 +50,16 @@ def global_rank() -> int:
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when the weights of `model` lie split across ranks (FSDP1 or FSDP2)."""
     return any(isinstance(m, SHARDED_TYPES) for m in model.modules())
+
+
+def full_weights(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """For a block that calls parts of a wrapped model directly (the validation samples call the
+    U-Net, not the LightningModule): under FSDP1 the root unit's own weights gathered on every
+    rank (a collective; the inner units gather theirs in their forward, as in training). Nothing
+    to do for other models: FSDP2 modules gather in each forward."""
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
+    return contextlib.nullcontext()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

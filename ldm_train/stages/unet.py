@@ -36,6 +36,7 @@ from ldm_train.diffusion.latents import LatentEncoder
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
 from ldm_train.diffusion.sizes import caption_sizes, sample_sized
 from ldm_train.diffusion.upstream import encode_images
+from ldm_train.distributed import full_weights
 from ldm_train.exports.pipeline import Pipeline
 from ldm_train.metrics.validation import SampleOptions, ValidationSamples
 from ldm_train.perf import Perf, unet_training_flops
@@ -265,13 +266,14 @@ class UnetStage(StageModule):
             return
         started = time.monotonic()
         world = trainer.world_size
-        images, figures = self.samples.draw(
-            self.draw_images,
-            self.global_rank,
-            world,
-            lambda tensor: self.all_gather(tensor).reshape(world, *tensor.shape),
-            self.device,
-        )
+        with full_weights(trainer.strategy.model):  # FSDP: the U-Net is called outside it
+            images, figures = self.samples.draw(
+                self.draw_images,
+                self.global_rank,
+                world,
+                lambda tensor: self.all_gather(tensor).reshape(world, *tensor.shape),
+                self.device,
+            )
         for name, value in figures.items():  # already reduced over ranks by torchmetrics
             self.log(f"val/{name}", value, sync_dist=True)
         prompts = self.samples.prompts
