@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,metrics]'
 	touch $@
 
+# JOBS pytest-xdist workers (one torch thread each); JOBS=0 runs everything in this process.
+JOBS   ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow"
 
 # The whole chain on the embedded dataset (stage=all: clip -> vae -> unet -> generate and check);
 # about 20 minutes on 2 CPU cores. Prints the share of generated images that show their prompt.

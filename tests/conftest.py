@@ -29,6 +29,8 @@ from ldm_train.exports.transformers_clip import clip_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs JOBS workers side by side
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
