@@ -25,6 +25,11 @@ from ldm_train.export import export_checkpoint
 from ldm_train.train import build
 
 PIXEL_UNET = ["stage=unet", "stage.vae=null", "stage.text_encoder=null", "model.ema_decay=null"]
+QUICK = [  # few, short validation samples: they check the wiring
+    "stage.module.validation.samples_per_prompt=1",
+    "stage.module.validation.metric_images=4",
+    "stage.module.validation.sampling.steps=2",
+]
 CPU_FSDP = [
     "trainer=fsdp",
     "trainer.accelerator=cpu",
@@ -117,7 +122,7 @@ def test_fully_sharded_weights_are_gathered_on_every_rank(mode, tmp_path, free_p
 @pytest.mark.slow
 def test_trainer_fsdp_exports_the_gathered_weights(tmp_path, tiny_overrides, run_cli):
     """Validation samples included: each rank draws its share with the root's weights gathered."""
-    args = ["-m", "ldm_train", *tiny_overrides(tmp_path / "outputs"), *PIXEL_UNET]
+    args = ["-m", "ldm_train", *tiny_overrides(tmp_path / "outputs"), *PIXEL_UNET, *QUICK]
     run_cli([*args, *CPU_FSDP, "trainer.max_steps=2", "data.batches_per_epoch=2"], tmp_path)
     run_dir = tmp_path / "outputs" / "shapes" / "unet"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -193,7 +193,7 @@ def test_kill_9_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGUSR1: tests/test_signals.py
 def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli, signum, wait_for):
     run_dir = tmp_path / "preempted" / "clip"
     process = cli("preempted")
