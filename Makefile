@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 JOBS   ?= 2
 
 test: install
-	$(BIN)/python -m pytest -q -n $(JOBS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal -m "not slow"
 
 # The whole chain on the embedded dataset (stage=all: clip -> vae -> unet -> generate and check);
 # about 20 minutes on 2 CPU cores. Prints the share of generated images that show their prompt.

@@ -292,6 +292,41 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+class ForkedProcess:
+    """What the tests use of a subprocess.Popen, for a run the fork server started: pid, poll,
+    wait, communicate (the output so far, from its file), send_signal, kill, returncode."""
+
+    def __init__(self, args: list[str], pid: int, out: Path, err: Path | None, rc: Path):
+        self.args, self.pid, self.returncode = args, pid, None
+        self.out, self.err, self.rc = out, err, rc
+        self.stdout = open(out, errors="replace")  # noqa: SIM115 - read as the run writes it
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.rc.is_file():
+            self.returncode = int(self.rc.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        self.wait(timeout)
+        errors = None if self.err is None else self.err.read_text(errors="replace")
+        return self.stdout.read(), errors
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class ForkServer:
     """The client of tests/forkserver.py: `python -m MODULE ARGS` forked from a process that has
     imported the libraries already (about 9 s of CPU saved per run; see its docstring)."""
@@ -323,22 +358,33 @@ class ForkServer:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, args: Sequence[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        out, err = (self.scratch / f"{time.monotonic_ns()}.{name}" for name in ("out", "err"))
-        request = {"args": list(args), "cwd": str(cwd), "env": cli_env()}
-        self.server.stdin.write(
-            (json.dumps(request | {"out": str(out), "err": str(err)}) + "\n").encode()
-        )
+    def start(
+        self, args: Sequence[str], cwd: Path, env: dict, merged: bool, new_session: bool
+    ) -> ForkedProcess:
+        base = self.scratch / str(time.monotonic_ns())
+        out, err, rc = (base.with_suffix(suffix) for suffix in (".out", ".err", ".rc"))
+        err = out if merged else err
+        paths = {"out": str(out), "err": str(err), "returncode": str(rc)}
+        request = {"args": list(args), "cwd": str(cwd), "env": env, "new_session": new_session}
+        self.server.stdin.write((json.dumps(request | paths) + "\n").encode())
         self.server.stdin.flush()
         pid = self.answer(60)["pid"]
+        out.touch()
+        return ForkedProcess([sys.executable, *args], pid, out, None if merged else err, rc)
+
+    def run(
+        self, args: Sequence[str], cwd: Path, env: dict, timeout: float
+    ) -> subprocess.CompletedProcess:
+        process = self.start(args, cwd, env, merged=False, new_session=False)
         try:
-            returncode = self.answer(timeout)["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            self.answer(60)
-            raise subprocess.TimeoutExpired(args, timeout) from None
-        stdout, stderr = (path.read_text(errors="replace") for path in (out, err))
-        return subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(60)
+            raise
+        stdout, stderr = process.communicate()
+        process.stdout.close()
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     def close(self) -> None:
         self.server.stdin.close()
@@ -346,11 +392,30 @@ class ForkServer:
 
 
 @pytest.fixture(scope="session")
-def run_cli(tmp_path_factory) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
-    """run_cli(args, cwd, check=True, timeout=300, fresh=False, **env): `python <args>` to its end.
-    `python -m MODULE ...` runs fork from a warm server (tests/forkserver.py) unless the run sets
-    environment variables or asks for a fresh interpreter (e.g. to see warnings at import)."""
-    server: list[ForkServer] = []
+def fork_server(
+    tmp_path_factory,
+) -> Iterator[Callable[[Sequence[str], dict, bool], ForkServer | None]]:
+    """server(args, env, fresh) -> the tests' fork server (started at first use) for this run, or
+    None for a fresh interpreter: runs other than `python -m ...`, runs that set HOME or
+    PYTHONPATH (read while importing), and runs that ask (fresh: e.g. to see what importing prints)."""
+    servers: list[ForkServer] = []
+
+    def server(args: Sequence[str], env: dict, fresh: bool) -> ForkServer | None:
+        if args[0] != "-m" or fresh or {"HOME", "PYTHONPATH"} & set(env):
+            return None
+        if not servers:
+            servers.append(ForkServer(tmp_path_factory.mktemp("forkserver")))
+        return servers[0] if servers[0].ready else None
+
+    yield server
+    for each in servers:
+        each.close()
+
+
+@pytest.fixture(scope="session")
+def run_cli(fork_server) -> Callable[..., subprocess.CompletedProcess]:
+    """run_cli(args, cwd, check=True, timeout=300, fresh=False, **env): `python <args>` to its end
+    (forked from the tests' warm server where it can be: fork_server)."""
 
     def run(
         args: Sequence[str],
@@ -360,10 +425,9 @@ def run_cli(tmp_path_factory) -> Iterator[Callable[..., subprocess.CompletedProc
         fresh: bool = False,
         **env: str,
     ) -> subprocess.CompletedProcess:
-        if args[0] == "-m" and not env and not fresh and not server:
-            server.append(ForkServer(tmp_path_factory.mktemp("forkserver")))
-        if args[0] == "-m" and not env and not fresh and server[0].ready:
-            result = server[0].run(args, cwd, timeout)
+        server = fork_server(args, env, fresh)
+        if server is not None:
+            result = server.run(args, cwd, cli_env(**env), timeout)
         else:
             result = subprocess.run(
                 [sys.executable, *args],
@@ -378,19 +442,21 @@ def run_cli(tmp_path_factory) -> Iterator[Callable[..., subprocess.CompletedProc
             assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         return result
 
-    yield run
-    for each in server:
-        each.close()
+    return run
 
 
 @pytest.fixture(scope="session")
-def start_cli() -> Callable[..., subprocess.Popen]:
-    """start_cli(args, cwd, new_session=False, **env): `python <args>` in the background, stdout
-    and stderr merged; new_session: in a process group of its own (for os.killpg)."""
+def start_cli(fork_server) -> Callable[..., subprocess.Popen | ForkedProcess]:
+    """start_cli(args, cwd, new_session=False, fresh=False, **env): `python <args>` in the
+    background, stdout and stderr merged; new_session: in a process group of its own (for
+    os.killpg). Forked from the tests' warm server where it can be (fork_server)."""
 
     def start(
-        args: Sequence[str], cwd: Path, new_session: bool = False, **env: str
-    ) -> subprocess.Popen:
+        args: Sequence[str], cwd: Path, new_session: bool = False, fresh: bool = False, **env: str
+    ) -> subprocess.Popen | ForkedProcess:
+        server = fork_server(args, env, fresh)
+        if server is not None:
+            return server.start(args, cwd, cli_env(**env), True, new_session)
         return subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,

@@ -9,8 +9,10 @@ ranks as fresh interpreters. What a fork cannot show is what happens while impor
 warning at import time): conftest's run_cli starts a fresh interpreter for runs that set their
 own environment variables (read at import time by some libraries) and when asked (fresh=True).
 
-Protocol, one JSON object per line: the client writes {"args", "cwd", "env", "out", "err"}; the
-server answers {"pid"} at once, then {"returncode"} (negative: killed by that signal) at the end.
+Protocol, one JSON object per line: the client writes {"args", "cwd", "env", "out", "err",
+"returncode", "new_session"} (err may be out: one file for both); the server forks, answers
+{"pid"} and writes the run's return code (negative: killed by that signal) into the file named
+"returncode" when the run ends. Several runs may go at once (the ranks of one job).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 
 WARM = [
@@ -42,25 +45,28 @@ WARM = [
 
 def child(request: dict) -> int:
     """In the forked process: become `python -m MODULE ARGS` in the request's place; its code."""
+    if request.get("new_session"):
+        os.setsid()  # a process group of its own, as Popen(start_new_session=True)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, path, flags in (
-        (0, os.devnull, os.O_RDONLY),
-        (1, request["out"], None),
-        (2, request["err"], None),
-    ):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if flags is None else flags
+    written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], written)):
         opened = os.open(path, flags)
         os.dup2(opened, fd)
+        os.close(opened)
+    if request["err"] == request["out"]:
+        os.dup2(1, 2)  # stderr into stdout, one offset: as Popen(stderr=STDOUT)
+    else:
+        opened = os.open(request["err"], written)
+        os.dup2(opened, 2)
         os.close(opened)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGPIPE):
-        signal.signal(
-            signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler
-        )
+    for signum in (signal.SIGTERM, signal.SIGUSR1):  # a fresh interpreter's handlers
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     paths = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = [p for p in paths if p not in sys.path]
     module, *argv = request["args"][1:]
@@ -92,6 +98,14 @@ def run_child(request: dict) -> None:
         os._exit(code)
 
 
+def reap(pid: int, path: str) -> None:
+    """Waits for the run and writes its return code (whole, by a rename)."""
+    _, status = os.waitpid(pid, 0)
+    with open(f"{path}.part", "w") as file:
+        file.write(str(os.waitstatus_to_exitcode(status)))
+    os.replace(f"{path}.part", path)
+
+
 def serve() -> None:
     for name in WARM:
         __import__(name)
@@ -103,10 +117,8 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             run_child(request)
+        threading.Thread(target=reap, args=(pid, request["returncode"]), daemon=True).start()
         print(json.dumps({"pid": pid}), file=answers, flush=True)
-        _, status = os.waitpid(pid, 0)
-        returncode = os.waitstatus_to_exitcode(status)
-        print(json.dumps({"returncode": returncode}), file=answers, flush=True)
 
 
 if __name__ == "__main__":
