@@ -198,9 +198,13 @@ def test_filters_drop_only_their_message():
     assert [str(w.message) for w in seen] == [kept, "The loss is NaN"]
 
 
-def test_wandb_note_hidden(make_cfg, capsys):
+def test_wandb_note_hidden(make_cfg, capsys, monkeypatch):
     from wandb.errors import term
 
+    # As in a fresh process: an earlier wandb run in this one (WANDB_SILENT) leaves term silent.
+    monkeypatch.setattr(term, "_silent", False)
+    monkeypatch.setattr(term, "_show_warnings", True)
+    monkeypatch.setattr(term, "_printed_messages", set())
     note = "The anonymous setting has no effect and will be removed in a future version."
     quiet.install(make_cfg("logger=wandb"))
     term.termwarn(note, repeat=False)
