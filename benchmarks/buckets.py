@@ -16,16 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Rates, alternate, best, setup_process
+from benchmarks.common import TRAIN_SHARDS, Rates, alternate, best, make_data, setup_process
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.data.pipeline import LoaderConfig
-from ldm_train.data.shapes import make_shapes_dataset
 
 BATCH = 64
 RUNS = 3  # each side, alternated; the best run counts
 WORKERS = (0, 2)
 SIZES = {32: 2048, 128: 1024}  # the square side: training images (8 shards)
-SHARDS = 8
+SHARDS = TRAIN_SHARDS  # make_data's
 
 
 def canvases(side: int) -> list[list[int]]:
@@ -33,17 +32,7 @@ def canvases(side: int) -> list[list[int]]:
 
 
 def make_mixed(root: Path, side: int, n_train: int) -> str:
-    if not (root / f"train-{SHARDS - 1:06d}.tar").is_file():
-        make_shapes_dataset(
-            root,
-            image_size=side,
-            n_train=n_train,
-            n_val=64,
-            train_shards=SHARDS,
-            val_shards=1,
-            progress=False,
-            canvases=canvases(side),
-        )
+    make_data(root, n_train, side, canvases=canvases(side))
     return f"{root}/train-{{000000..{SHARDS - 1:06d}}}.tar"
 
 

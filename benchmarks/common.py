@@ -30,7 +30,8 @@ def setup_process() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def make_data(root: Path, n_train: int = 2048, image_size: int = 32) -> Path:
+def make_data(root: Path, n_train: int = 2048, image_size: int = 32, **options) -> Path:
+    """The shapes dataset in TRAIN_SHARDS shards under root, once (options: e.g. canvases)."""
     if not (root / f"train-{TRAIN_SHARDS - 1:06d}.tar").is_file():
         make_shapes_dataset(
             root,
@@ -40,6 +41,7 @@ def make_data(root: Path, n_train: int = 2048, image_size: int = 32) -> Path:
             train_shards=TRAIN_SHARDS,
             val_shards=1,
             progress=False,
+            **options,
         )
     return root
 
