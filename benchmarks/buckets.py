@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import TRAIN_SHARDS, Rates, alternate, best, make_data, setup_process
 from ldm_train.data.datamodule import WebDataModule
-from ldm_train.data.pipeline import LoaderConfig
+from ldm_train.data.stream import LoaderConfig
 
 BATCH = 64
 RUNS = 3  # each side, alternated; the best run counts

@@ -82,7 +82,7 @@ def write_parts(root: Path, preset: Preset) -> dict[str, Path]:
     vocabulary, SD 1.x's layout): what stage=unet loads (their weights do not change the speed)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm_train.exports.transformers_clip import clip_tokenizer, save_text_encoder
+    from ldm_train.formats.transformers_clip import clip_tokenizer, save_text_encoder
 
     parts = {"vae": root / "vae", "text": root / "text"}
     if not (parts["vae"] / "config.json").is_file():

@@ -201,8 +201,8 @@ def run_smoke(smoke: Smoke, shared: list[str], logs: Path, timeout: float) -> di
     run's step, an export that loads and draws an image, and the resumed run's notice."""
     import torch
 
+    from ldm_train.diffusion.pipeline import Pipeline
     from ldm_train.diffusion.sampler import SamplingOptions
-    from ldm_train.exports.pipeline import Pipeline
 
     started = time.monotonic()
     deadline = started + timeout

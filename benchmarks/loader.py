@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from benchmarks.common import Clock, Rates, alternate, best, make_data, setup_process
 from ldm_train.data.datamodule import WebDataModule, expand_urls
-from ldm_train.data.pipeline import LoaderConfig, image_transform
+from ldm_train.data.stream import LoaderConfig, image_transform
 
 BATCH = 64
 PASSES = 2  # timed: two passes over the data, less the first batch (worker start-up, first shard)

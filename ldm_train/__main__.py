@@ -10,7 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from ldm_train.chain import train_chain
-from ldm_train.config import UserError, check_overrides, config_dir
+from ldm_train.config import check_overrides, config_dir
+from ldm_train.errors import UserError
 from ldm_train.train import train
 
 

@@ -39,10 +39,10 @@ import webdataset as wds
 from omegaconf import DictConfig
 
 from ldm_train import quiet
-from ldm_train.config import UserError, check_overrides, compose_config
-from ldm_train.data.bucketing import shape_of
+from ldm_train.config import check_overrides, compose_config
+from ldm_train.data.bucket_batches import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
-from ldm_train.data.pipeline import (
+from ldm_train.data.stream import (
     LATENT_FLIP_KEY,
     LATENT_KEY,
     TEXT_KEY,
@@ -52,7 +52,8 @@ from ldm_train.data.pipeline import (
     image_transform,
     read_pass,
 )
-from ldm_train.diffusion.upstream import text_context, vae_moments, vae_scale_factor
+from ldm_train.diffusion.frozen import text_context, vae_moments, vae_scale_factor
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.clip_eval import parse_zero_shot
-from ldm_train.config import UserError, compose_config
-from ldm_train.diffusion.evaluate import prompt_accuracy
+from ldm_train.config import compose_config
+from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.sizes import generate_sized, prompt_sizes, save_rows
-from ldm_train.exports.pipeline import Pipeline
+from ldm_train.errors import UserError
+from ldm_train.metrics.prompt_accuracy import prompt_accuracy
 from ldm_train.metrics.reference import prompt_labels
+from ldm_train.metrics.zero_shot import parse_zero_shot
 from ldm_train.rundir import RunDir
 from ldm_train.train import train
 

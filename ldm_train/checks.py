@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from ldm_train.config import UserError
-from ldm_train.data.buckets import check_bucket_factor, data_bucket_sizes
-from ldm_train.diffusion.upstream import downsampling_factor, vae_folder
+from ldm_train.data.bucket_sizes import check_bucket_factor, data_bucket_sizes
+from ldm_train.diffusion.frozen import downsampling_factor, vae_folder
+from ldm_train.errors import UserError
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -13,11 +12,11 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-import ldm_train.data.buckets  # noqa: F401  (registers the ${bucket_sizes:...} resolver)
+import ldm_train.data.bucket_sizes  # noqa: F401  (registers the ${bucket_sizes:...} resolver)
 import ldm_train.rundir  # noqa: F401  (registers the ${run_export:...} resolver the config uses)
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, check_keys
 
-__all__ = ["UserError", "check_choice", "check_keys", "check_overrides", "compose_config"]
+__all__ = ["check_overrides", "compose_config", "config_dir"]
 
 # Config choices that need an optional extra: (group, choice) -> (the plugin's module, its extra).
 PLUGIN_CHOICES = {
@@ -36,28 +35,6 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
     """The config `python -m ldm_train <overrides>` would run with (for tests and notebooks)."""
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-
-def check_choice(option: str, value: object, valid: Iterable[object]) -> None:
-    """Raise a UserError naming the option, the bad value and the valid ones."""
-    valid = list(valid)
-    if value not in valid:
-        raise UserError(
-            f"{option}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"
-        )
-
-
-def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None:
-    """Raise a UserError for the first unknown key, with the closest valid one and the full list."""
-    valid = sorted(valid)
-    for key in given:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            prefix = "" if section == "config" else f"{section}."
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise UserError(
-                f"unknown option {prefix}{key}{hint}; valid options: {', '.join(valid)}"
-            )
 
 
 def check_group_choice(override: Override) -> None:

@@ -33,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ldm_train import quiet
-from ldm_train.config import UserError
+from ldm_train.diffusion.pipeline import INDEX, Pipeline, pipeline_part
 from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.errors import UserError
 from ldm_train.export import export_checkpoint, find_checkpoint
-from ldm_train.exports.clip import is_clip_folder
-from ldm_train.exports.pipeline import INDEX, Pipeline, pipeline_part
+from ldm_train.formats.clip_model import is_clip_folder
 from ldm_train.generate import read_prompts, save_images
 from ldm_train.metrics.features import FEATURE_KINDS
 from ldm_train.metrics.reference import (

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm_train import quiet
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 from ldm_train.rundir import RunDir
 from ldm_train.safety import check_targets, load_checkpoint
 

@@ -24,8 +24,8 @@ from torchvision.utils import save_image
 
 from ldm_train import quiet
 from ldm_train.callbacks.images import image_grid
-from ldm_train.config import UserError
-from ldm_train.exports.pipeline import Pipeline
+from ldm_train.diffusion.pipeline import Pipeline
+from ldm_train.errors import UserError
 
 log = logging.getLogger("ldm_train.generate")
 

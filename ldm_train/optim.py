@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 import torch
 from diffusers.optimization import get_scheduler
 
-from ldm_train.config import UserError, check_choice
+from ldm_train.errors import UserError, check_choice
 
 Schedule = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)

@@ -15,7 +15,7 @@ and exports stay as without it:
   "eager" is the classic AttnProcessor (explicit softmax(QK^T)V), for comparison and debugging.
 Precision (trainer.precision), the optimizer's fused / foreach kernels (optimizer=...) and gradient
 accumulation (trainer.accumulate_grad_batches) are Lightning's and torch's options as they are; the
-frozen VAE runs in fp32 under mixed precision (ldm_train.diffusion.upstream).
+frozen VAE runs in fp32 under mixed precision (ldm_train.diffusion.frozen).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ldm_train.config import UserError, check_choice
+from ldm_train.errors import UserError, check_choice
 
 Attention = Literal["sdpa", "eager"]
 ATTENTION_KINDS: tuple[str, ...] = get_args(Attention)

@@ -31,16 +31,16 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from omegaconf import DictConfig
 
-from ldm_train.config import UserError
-from ldm_train.exports.clip import (
+from ldm_train.diffusion.pipeline import pipeline_part
+from ldm_train.diffusion.text_encoder import parse_named
+from ldm_train.errors import UserError
+from ldm_train.formats.clip_model import (
     check_weights_fit,
     is_clip_folder,
     load_clip,
     load_named_clip,
     read_weights,
 )
-from ldm_train.exports.pipeline import pipeline_part
-from ldm_train.text_encoder import parse_named
 from ldm_train.train import build
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_train import quiet
 from ldm_train.checks import check_values
-from ldm_train.config import UserError, check_choice, check_keys
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.distributed import export_stage
+from ldm_train.errors import UserError, check_choice, check_keys
 from ldm_train.rundir import RESUME_MODES, RunDir
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_train.config import compose_config
 from ldm_train.data.shapes import make_shapes_dataset
-from ldm_train.exports.clip import save_clip
-from ldm_train.exports.transformers_clip import clip_tokenizer
+from ldm_train.formats.clip_model import save_clip
+from ldm_train.formats.transformers_clip import clip_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

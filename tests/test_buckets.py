@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from ldm_train.config import UserError
-from ldm_train.data.bucketing import BucketBatcher, shape_of
-from ldm_train.data.buckets import BucketTransform, make_buckets, nearest_bucket
+from ldm_train.data.bucket_batches import BucketBatcher, shape_of
+from ldm_train.data.bucket_sizes import BucketTransform, make_buckets, nearest_bucket
 from ldm_train.data.datamodule import WebDataModule, expand_urls
-from ldm_train.data.pipeline import LoaderConfig, build_pipeline
+from ldm_train.data.stream import LoaderConfig, build_pipeline
+from ldm_train.errors import UserError
 from ldm_train.train import train
 
 MIXED = [[32, 32], [48, 32], [32, 48]]

@@ -16,14 +16,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from ldm_train.clip_eval import ZeroShotTask, parse_zero_shot, retrieval_recall
-from ldm_train.config import UserError, compose_config
-from ldm_train.data.pipeline import LoaderConfig, image_transform
+from ldm_train.config import compose_config
 from ldm_train.data.shapes import COLOURS, SHAPES, caption, render, sample_attributes
+from ldm_train.data.stream import LoaderConfig, image_transform
+from ldm_train.diffusion.text_encoder import ClipTextEncoder
+from ldm_train.errors import UserError
 from ldm_train.export import export_checkpoint
 from ldm_train.losses.contrastive import contrastive_terms
+from ldm_train.metrics.zero_shot import ZeroShotTask, parse_zero_shot, retrieval_recall
 from ldm_train.stages.clip import ClipStage, build_clip, weight_decay_groups
-from ldm_train.text_encoder import ClipTextEncoder
 from ldm_train.train import train
 
 # A CLIP small enough for multiprocess and many-step tests; the tiny preset runs the rest.

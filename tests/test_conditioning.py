@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from ldm_train.config import UserError
 from ldm_train.diffusion.conditioning import Conditioning
-from ldm_train.text_encoder import load_text_encoder
+from ldm_train.diffusion.text_encoder import load_text_encoder
+from ldm_train.errors import UserError
 
 CPU = torch.device("cpu")
 CAPTIONS = ["a large red circle", "a small blue square", "a large red circle", "a cross"]

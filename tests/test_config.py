@@ -13,8 +13,9 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ldm_train.config import UserError, compose_config, config_dir
+from ldm_train.config import compose_config, config_dir
 from ldm_train.data.datamodule import WebDataModule, expand_urls
+from ldm_train.errors import UserError
 from ldm_train.rundir import RunDir
 from ldm_train.train import validate
 

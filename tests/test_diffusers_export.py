@@ -23,11 +23,11 @@ from diffusers import (
 )
 from omegaconf import OmegaConf
 
-from ldm_train.config import UserError
+from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
 from ldm_train.diffusion.schedule import build_noise_scheduler
+from ldm_train.errors import UserError
 from ldm_train.evaluate import clip_folder
-from ldm_train.exports.pipeline import Pipeline
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -202,7 +202,7 @@ def test_what_diffusers_cannot_hold_is_our_own_format(trained, kind, tmp_path, c
         text_encoder=parts.text_encoder if pixel else None,
         image_size=8 if pixel else 32,
     )
-    with caplog.at_level(logging.INFO, logger="ldm_train.exports.pipeline"):
+    with caplog.at_level(logging.INFO, logger="ldm_train.diffusion.pipeline"):
         export = pipeline.save(tmp_path / kind)
     (line,) = [r.getMessage() for r in caplog.records if "own format" in r.getMessage()]
     assert ("pixel space" if pixel else "unconditional") in line and "\n" not in line

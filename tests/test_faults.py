@@ -18,7 +18,7 @@ from ldm_train.callbacks.nonfinite import (
     NonFiniteLossGuard,
     NonFiniteWeightsError,
 )
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

@@ -12,8 +12,8 @@ import torch
 
 from ldm_train.chain import stage_overrides
 from ldm_train.config import compose_config
+from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions
-from ldm_train.exports.pipeline import Pipeline
 from ldm_train.generate import main
 
 

@@ -16,7 +16,8 @@ import webdataset as wds
 
 from ldm_train import quiet
 from ldm_train.checks import device_count
-from ldm_train.config import UserError, check_overrides
+from ldm_train.config import check_overrides
+from ldm_train.errors import UserError
 from ldm_train.train import validate
 
 # ---------------------------------------------------------------- values checked before a run

@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_train.config import UserError
+from ldm_train.diffusion.frozen import load_vae, vae_moments
 from ldm_train.diffusion.latents import LatentEncoder
-from ldm_train.diffusion.upstream import load_vae, vae_moments
+from ldm_train.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -16,10 +16,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from ldm_train.config import UserError
 from ldm_train.data import samples
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist, expand_urls
-from ldm_train.data.pipeline import LoaderConfig, NoValidSamplesError, build_pipeline, to_rgb
+from ldm_train.data.stream import LoaderConfig, NoValidSamplesError, build_pipeline, to_rgb
+from ldm_train.errors import UserError
 
 SIZE = 32
 

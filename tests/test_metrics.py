@@ -20,15 +20,16 @@ from open_clip.model import set_model_preprocess_cfg
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ldm_train.clip_eval import parse_zero_shot
-from ldm_train.config import UserError, compose_config
-from ldm_train.diffusion.evaluate import prompt_accuracy
+from ldm_train.config import compose_config
+from ldm_train.errors import UserError
 from ldm_train.evaluate import main
-from ldm_train.exports.clip import load_clip, save_clip
+from ldm_train.formats.clip_model import load_clip, save_clip
 from ldm_train.metrics.features import ClipImageFeatures, InceptionFeatures, to_uint8
+from ldm_train.metrics.prompt_accuracy import prompt_accuracy
 from ldm_train.metrics.reference import choose_prompts, loader_options, read_validation
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
 from ldm_train.metrics.share import generate_share, rank_share
+from ldm_train.metrics.zero_shot import parse_zero_shot
 
 SHAPE_TASKS = parse_zero_shot(compose_config([]).data.zero_shot)
 

@@ -11,7 +11,8 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from hydra.utils import instantiate
 
-from ldm_train.config import UserError, compose_config
+from ldm_train.config import compose_config
+from ldm_train.errors import UserError
 from ldm_train.optim import SCHEDULES, adamw8bit, lr_schedule
 from ldm_train.train import train
 

@@ -16,9 +16,9 @@ import torch
 from hydra.utils import instantiate
 
 from ldm_train.cache_latents import cache_latents
-from ldm_train.config import UserError
 from ldm_train.data.datamodule import WebDataModule
-from ldm_train.exports.clip import save_clip
+from ldm_train.errors import UserError
+from ldm_train.formats.clip_model import save_clip
 from ldm_train.train import build, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

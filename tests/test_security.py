@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ldm_train.config import UserError
+from ldm_train.diffusion.pipeline import Pipeline
+from ldm_train.diffusion.text_encoder import load_text_encoder
+from ldm_train.errors import UserError
 from ldm_train.export import export_checkpoint
-from ldm_train.exports.clip import CONFIG_FILE
-from ldm_train.exports.pipeline import Pipeline
-from ldm_train.exports.transformers_clip import (
+from ldm_train.formats.clip_model import CONFIG_FILE
+from ldm_train.formats.transformers_clip import (
     clip_tokenizer,
     save_text_encoder,
     to_clip_text_model,
 )
 from ldm_train.rundir import RunDir
 from ldm_train.safety import check_targets
-from ldm_train.text_encoder import load_text_encoder
 
 
 class Payload:

@@ -19,13 +19,13 @@ from open_clip.transform import image_transform
 from PIL import Image
 
 from ldm_train.cache_latents import cache_latents
-from ldm_train.config import UserError
 from ldm_train.data.datamodule import WebDataModule, expand_urls
-from ldm_train.data.pipeline import CacheError, StreamStats, read_pass
+from ldm_train.data.stream import CacheError, StreamStats, read_pass
+from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, sample
 from ldm_train.diffusion.sizes import generate_sized, prompt_sizes, save_rows
+from ldm_train.errors import UserError
 from ldm_train.export import export_checkpoint
-from ldm_train.exports.pipeline import Pipeline
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

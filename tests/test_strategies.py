@@ -13,7 +13,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import ShardingStrategy
 
-from ldm_train.config import UserError, compose_config
+from ldm_train.config import compose_config
+from ldm_train.errors import UserError
 from ldm_train.rundir import RunDir
 from ldm_train.stages.unet import build_net
 from ldm_train.train import train, wandb_run_id

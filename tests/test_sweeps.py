@@ -12,7 +12,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ldm_train.config import UserError, check_overrides, compose_config
+from ldm_train.config import check_overrides, compose_config
+from ldm_train.errors import UserError
 from ldm_train.train import build_logger
 
 

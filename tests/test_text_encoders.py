@@ -16,16 +16,16 @@ from hydra.utils import instantiate
 from open_clip.push_to_hf_hub import save_config_for_hf
 from transformers import CLIPTextModel
 
-from ldm_train.config import UserError
 from ldm_train.data.datamodule import WebDataModule
-from ldm_train.exports.clip import save_clip
-from ldm_train.exports.transformers_clip import keep_layers, save_text_encoder
-from ldm_train.text_encoder import (
+from ldm_train.diffusion.text_encoder import (
     TEXT_LAYERS,
     ClipTextEncoder,
     TransformersTextEncoder,
     load_text_encoder,
 )
+from ldm_train.errors import UserError
+from ldm_train.formats.clip_model import save_clip
+from ldm_train.formats.transformers_clip import keep_layers, save_text_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 

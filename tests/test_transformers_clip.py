@@ -12,14 +12,14 @@ import safetensors.torch
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_train.config import UserError
-from ldm_train.exports.transformers_clip import (
+from ldm_train.diffusion.text_encoder import ClipTextEncoder
+from ldm_train.errors import UserError
+from ldm_train.formats.transformers_clip import (
     clip_tokenizer,
     load_text_encoder_folders,
     save_text_encoder,
     to_clip_text_model,
 )
-from ldm_train.text_encoder import ClipTextEncoder
 
 CONTEXT = 24
 CAPTIONS = [

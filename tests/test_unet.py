@@ -10,11 +10,12 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from hydra.utils import instantiate
 
-from ldm_train.config import UserError, compose_config
+from ldm_train.config import compose_config
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.diffusion.ema import warmup_decay
 from ldm_train.diffusion.loss import diffusion_loss, min_snr_weights
 from ldm_train.diffusion.schedule import build_noise_scheduler
+from ldm_train.errors import UserError
 from ldm_train.train import build, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

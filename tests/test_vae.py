@@ -15,9 +15,10 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from ldm_train.callbacks.images import image_grid, log_image
-from ldm_train.config import UserError, compose_config
+from ldm_train.config import compose_config
 from ldm_train.data.datamodule import WebDataModule
-from ldm_train.data.pipeline import LoaderConfig
+from ldm_train.data.stream import LoaderConfig
+from ldm_train.errors import UserError
 from ldm_train.export import export_checkpoint
 from ldm_train.losses.autoencoder import AutoencoderLoss, adaptive_weight, hinge_d_loss
 from ldm_train.nets.discriminator import NLayerDiscriminator

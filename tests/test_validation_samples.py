@@ -20,9 +20,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from ldm_train.callbacks.images import image_grid, log_image_rows
-from ldm_train.config import UserError
 from ldm_train.data.datamodule import expand_urls
 from ldm_train.diffusion.sampler import per_prompt
+from ldm_train.errors import UserError
 from ldm_train.metrics.features import to_uint8
 from ldm_train.metrics.reference import loader_options, read_validation
 from ldm_train.metrics.sample import SampleMetrics

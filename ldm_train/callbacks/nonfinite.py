@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 
 class NonFiniteLossError(UserError):

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ldm_train.config import UserError, check_choice, check_keys
-from ldm_train.data.pipeline import LoaderConfig, build_pipeline, check_has_sample
+from ldm_train.data.stream import LoaderConfig, build_pipeline, check_has_sample
 from ldm_train.data.workers import init_worker, kill_workers_at_exit
+from ldm_train.errors import UserError, check_choice, check_keys
 
 log = logging.getLogger(__name__)
 

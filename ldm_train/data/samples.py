@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-from ldm_train.config import UserError
-from ldm_train.data.buckets import BucketTransform, Size, bucket_sizes, to_tensor
+from ldm_train.data.bucket_sizes import BucketTransform, Size, bucket_sizes, to_tensor
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class LoaderConfig:
     random_flip: bool = True
     crop: Literal["center", "random"] = "center"
     batches_per_epoch: int = 1000
-    # Aspect-ratio buckets (ldm_train/data/buckets.py, bucketing.py); both None: square images.
+    # Aspect-ratio buckets (ldm_train/data/bucket_sizes.py, bucket_batches.py); both None: square images.
     buckets: Sequence[Sequence[int]] | None = None  # [width, height] pairs
     bucket_max_ratio: float | None = None  # or: made from image_size up to this long/short ratio
     bucket_step: int = 8  # their sides' step: the VAE's downsampling factor (or a multiple)
@@ -168,7 +168,7 @@ class ImageTransform:
 
 
 def image_transform(cfg: LoaderConfig, train: bool) -> ImageTransform | BucketTransform:
-    """Square images, or with buckets each image at its bucket's size (ldm_train/data/buckets.py)."""
+    """Square images, or with buckets each image at its bucket's size (ldm_train/data/bucket_sizes.py)."""
     buckets = cfg.bucket_list
     if buckets is None:
         return ImageTransform(cfg, train)

@@ -3,7 +3,7 @@
 One part of the U-Net stage, with what belongs to it: caption dropout (captions replaced by "", the
 unconditional input of classifier-free guidance), the cache of hidden states by caption, the
 empty caption's context, and hidden states that latent-cache shards bring along. Without a text
-encoder the U-Net trains unconditionally on a zero context (upstream.text_context).
+encoder the U-Net trains unconditionally on a zero context (frozen.text_context).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ldm_train.config import UserError
-from ldm_train.diffusion.upstream import Frozen, KeyedCache, TextEncoder, text_context
+from ldm_train.diffusion.frozen import Frozen, KeyedCache, TextEncoder, text_context
+from ldm_train.errors import UserError
 
 
 class Conditioning:

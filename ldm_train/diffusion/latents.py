@@ -12,9 +12,8 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_train.config import UserError
-from ldm_train.data.buckets import check_bucket_factor
-from ldm_train.diffusion.upstream import (
+from ldm_train.data.bucket_sizes import check_bucket_factor
+from ldm_train.diffusion.frozen import (
     Frozen,
     KeyedCache,
     encode_images,
@@ -23,6 +22,7 @@ from ldm_train.diffusion.upstream import (
     sample_latents,
     vae_scale_factor,
 )
+from ldm_train.errors import UserError
 
 
 class LatentEncoder:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_snr
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 
 def sample_noise(

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ldm_train.config import UserError, check_choice
-from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
-from ldm_train.diffusion.upstream import (
+from ldm_train.diffusion.frozen import (
     TextEncoder,
     decode_latents,
     text_context,
     vae_scale_factor,
 )
+from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
+from ldm_train.errors import UserError, check_choice
 
 
 @dataclass(frozen=True)

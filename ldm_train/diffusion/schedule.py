@@ -14,7 +14,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ldm_train.config import UserError, check_choice
+from ldm_train.errors import UserError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from ldm_train.callbacks.images import image_grid
-from ldm_train.config import UserError
 from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, sample
+from ldm_train.errors import UserError
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -42,7 +42,7 @@ def generate_sized(
     pipeline: Any, prompts: Sequence[str], sizes: Sequence[Size], n: int, options: SamplingOptions
 ) -> list[torch.Tensor]:
     """n images of each prompt at its size: one n x C x height x width tensor in [-1, 1] per
-    prompt. pipeline: an ldm_train.exports.pipeline.Pipeline (its U-Net runs in eval mode and is
+    prompt. pipeline: an ldm_train.diffusion.pipeline.Pipeline (its U-Net runs in eval mode and is
     put back as it was)."""
     rows: list[torch.Tensor | None] = [None] * len(prompts)
     for size in dict.fromkeys(sizes):  # each size once, in the order of first use

@@ -23,7 +23,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from ldm_train.config import UserError, check_choice
+from ldm_train.errors import UserError, check_choice
 
 Reconstruction = Literal["l1", "l2"]
 Terms = dict[str, torch.Tensor]

@@ -11,7 +11,7 @@ from typing import Literal, get_args
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from ldm_train.config import check_choice
+from ldm_train.errors import check_choice
 
 ContrastiveLossKind = Literal["clip", "siglip"]
 LOSS_KINDS: tuple[str, ...] = get_args(ContrastiveLossKind)

@@ -1,2 +1,3 @@
 """Sample-quality metrics: FD / KID on CLIP or Inception features, CLIP score, zero-shot accuracy
-(SampleMetrics), for the stages' validation and `python -m ldm_train.evaluate`."""
+(zero_shot.py; SampleMetrics), the chain's prompt check (prompt_accuracy.py), for the stages'
+validation and `python -m ldm_train.evaluate`."""

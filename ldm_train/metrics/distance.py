@@ -15,7 +15,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 FEATURE_STATES = ("real_features", "fake_features")  # KernelInceptionDistance's list states
 KID_SEED = 0  # KID's random subsets: the same draw every time, so figures compare run to run

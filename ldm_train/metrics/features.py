@@ -1,7 +1,7 @@
 """Image feature extractors for the sample metrics: images in [-1, 1], N x 3 x H x W of any H x W,
 in; N x D features out.
 
-- "clip": the image tower of a CLIP folder (ldm_train.exports.clip), with the folder's own resize
+- "clip": the image tower of a CLIP folder (ldm_train.formats.clip_model), with the folder's own resize
   and normalisation. Its projected image embedding, unnormalised (clean-fid's choice for CLIP
   features). Works offline with the experiment's own stage=clip export.
 - "inception": torchmetrics' NoTrainInceptionV3 (torch-fidelity's port of the TF Inception-v3 the
@@ -18,8 +18,8 @@ from typing import Literal, get_args
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from ldm_train.config import UserError, check_choice
-from ldm_train.exports.clip import LoadedClip, read_weights
+from ldm_train.errors import UserError, check_choice
+from ldm_train.formats.clip_model import LoadedClip, read_weights
 
 FeatureKind = Literal["clip", "inception"]
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm_train.config import UserError
 from ldm_train.data.datamodule import check_shards_exist, expand_urls
-from ldm_train.data.pipeline import LoaderConfig, ValStream
+from ldm_train.data.stream import LoaderConfig, ValStream
+from ldm_train.errors import UserError
 
 
 @dataclass

@@ -15,7 +15,7 @@
 - kid_clip / kid_inception: KID (unbiased MMD, cubic kernel) on the same features, with its std
   over random subsets; lower is better, and less biased than FD on few images.
 - <task>_acc / accuracy: with zero-shot tasks and labelled prompts, the share of images the CLIP
-  classifies as their prompt asks, per task and in every task (ldm_train.clip_eval).
+  classifies as their prompt asks, per task and in every task (ldm_train.metrics.zero_shot).
 
 Every state is summed or gathered across DDP ranks by torchmetrics when compute() runs, so every
 rank must call it. The CLIP and the extractor live outside the module tree (never in a checkpoint)
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from ldm_train.clip_eval import IGNORE_LABEL, ZeroShotTask, parse_zero_shot
-from ldm_train.config import UserError
-from ldm_train.diffusion.upstream import Frozen
-from ldm_train.exports.clip import LoadedClip, load_clip
+from ldm_train.diffusion.frozen import Frozen
+from ldm_train.errors import UserError
+from ldm_train.formats.clip_model import LoadedClip, load_clip
 from ldm_train.metrics.distance import FeatureFD, FeatureKID
 from ldm_train.metrics.features import ClipImageFeatures, FeatureKind, build_extractor
+from ldm_train.metrics.zero_shot import IGNORE_LABEL, ZeroShotTask, parse_zero_shot
 
 # Metric names per feature kind: nobody mistakes a CLIP-feature FD for the FID papers quote.
 FD_NAMES = {"clip": "fd_clip", "inception": "fid_inception"}
@@ -164,7 +164,7 @@ class SampleMetrics(Metric):
 
     def _update_accuracy(self, image_features: torch.Tensor, labels: Sequence[Mapping]) -> None:
         """Per task: right/known counts; an image counts as right overall when every task its
-        labels name is right (what ldm_train.diffusion.evaluate.prompt_accuracy reports)."""
+        labels name is right (what ldm_train.metrics.prompt_accuracy.prompt_accuracy reports)."""
         device = image_features.device
         correct = torch.ones(len(labels), dtype=torch.bool, device=device)
         labelled = torch.zeros(len(labels), dtype=torch.bool, device=device)

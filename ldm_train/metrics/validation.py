@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ldm_train.config import UserError
-from ldm_train.data.pipeline import LoaderConfig
+from ldm_train.data.stream import LoaderConfig
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
-from ldm_train.exports.clip import is_clip_folder
+from ldm_train.errors import UserError
+from ldm_train.formats.clip_model import is_clip_folder
 from ldm_train.metrics.features import FeatureKind, to_uint8
 from ldm_train.metrics.reference import (
     prompt_labels,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 
 class NLayerDiscriminator(nn.Module):

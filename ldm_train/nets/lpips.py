@@ -18,7 +18,7 @@ import torchmetrics.functional.image.lpips as torchmetrics_lpips
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 # Index of the ReLU after which each of the five compared VGG16 feature maps is taken
 # (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3), and their widths.

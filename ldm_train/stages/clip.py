@@ -3,7 +3,7 @@
 The net is an `open_clip.CLIP` built from a model card (one of open_clip's, e.g. "ViT-B-32", and/or
 sizes in the same format from a YAML preset); the loss is open_clip's ClipLoss or SigLipLoss over all
 ranks; validation measures retrieval recall and zero-shot accuracy; `export` writes a folder that
-open_clip loads by itself (and that ldm_train.text_encoder reads for the U-Net stage).
+open_clip loads by itself (and that ldm_train.diffusion.text_encoder reads for the U-Net stage).
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms.v2 import functional as TF
 
-from ldm_train.clip_eval import IGNORE_LABEL, parse_zero_shot, retrieval_recall
-from ldm_train.config import UserError, check_choice, check_keys
-from ldm_train.exports.clip import save_clip
+from ldm_train.errors import UserError, check_choice, check_keys
+from ldm_train.formats.clip_model import save_clip
 from ldm_train.losses.contrastive import (
     LOSS_KINDS,
     ContrastiveLossKind,
     build_contrastive_loss,
     contrastive_terms,
 )
+from ldm_train.metrics.zero_shot import IGNORE_LABEL, parse_zero_shot, retrieval_recall
 from ldm_train.perf import Perf
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
@@ -285,7 +285,7 @@ class ClipStage(StageModule):
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def export(self, out_dir: Path) -> Path:
-        """An open_clip-loadable folder (ldm_train.exports.clip); <export_name>.json holds the bare
+        """An open_clip-loadable folder (ldm_train.formats.clip_model); <export_name>.json holds the bare
         card, for `open_clip.add_model_config(path)` and then
         `create_model_and_transforms(export_name, pretrained=<weights>)`."""
         out_dir = save_clip(self.net, self.model_cfg, out_dir, self.export_name)

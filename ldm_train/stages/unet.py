@@ -29,15 +29,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from ldm_train.callbacks.images import log_image_rows
-from ldm_train.config import UserError
 from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.ema import EMA
+from ldm_train.diffusion.frozen import encode_images
 from ldm_train.diffusion.latents import LatentEncoder
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
+from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import caption_sizes, sample_sized
-from ldm_train.diffusion.upstream import encode_images
 from ldm_train.distributed import full_weights
-from ldm_train.exports.pipeline import Pipeline
+from ldm_train.errors import UserError
 from ldm_train.metrics.validation import SampleOptions, ValidationSamples
 from ldm_train.perf import Perf, unet_training_flops
 from ldm_train.pretrained import check_unet_fits, is_pretrained
@@ -294,7 +294,7 @@ class UnetStage(StageModule):
 
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
     def export(self, out_dir):
-        """The pipeline folder (ldm_train.exports.pipeline), with the weights this module holds:
+        """The pipeline folder (ldm_train.diffusion.pipeline), with the weights this module holds:
         the EMA's after training."""
         return self.pipeline().save(out_dir)
 

@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm_train.callbacks.images import image_grid, log_image
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.metrics.validation import MetricOptions, ReconstructionMetrics
 from ldm_train.perf import Perf

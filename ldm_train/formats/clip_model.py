@@ -31,7 +31,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS
 from open_clip.model import set_model_preprocess_cfg
 from open_clip.push_to_hf_hub import save_config_for_hf
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 

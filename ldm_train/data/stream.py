@@ -12,7 +12,7 @@ of steps. Its position (pass, samples taken in the pass, batches in the epoch) i
 a resumed run replays the current pass's raw samples without decoding them and goes on with
 exactly the batches the uninterrupted run would have seen. Validation is one finite,
 deterministic pass. With aspect-ratio buckets a batch holds images of one shape
-(ldm_train/data/buckets.py: sizes and crops; bucketing.py: batching, and the held samples' place
+(ldm_train/data/bucket_sizes.py: sizes and crops; bucket_batches.py: batching, and the held samples' place
 in the stream, which is part of the position).
 
 Decoding one sample, its options and skip counts: ldm_train/data/samples.py.
@@ -29,8 +29,8 @@ from typing import Any
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ldm_train.data.bucketing import BucketBatcher, decode_positions, grouped_batches
-from ldm_train.data.buckets import BucketTransform
+from ldm_train.data.bucket_batches import BucketBatcher, decode_positions, grouped_batches
+from ldm_train.data.bucket_sizes import BucketTransform
 from ldm_train.data.samples import (  # noqa: F401  (names importers take from here)
     LATENT_FLIP_KEY,
     LATENT_KEY,
@@ -134,7 +134,7 @@ class TrainStream(IterableDataset):
         self.position = StreamPosition()
         self._batches: Iterator[dict] | None = None
         self._restored = False
-        # Aspect-ratio buckets (ldm_train/data/bucketing.py): samples held until their bucket
+        # Aspect-ratio buckets (ldm_train/data/bucket_batches.py): samples held until their bucket
         # fills; _held_state: a checkpoint's held samples, decoded again at the next iter().
         self.batcher = BucketBatcher(cfg.batch_size, cfg.bucket_cap) if cfg.bucketed else None
         self._held_state: dict | None = None
@@ -265,7 +265,7 @@ class ValStream(IterableDataset):
                 if (result := decode_sample(sample, self.cfg, transform, self.stats)) is not None:
                     yield result
 
-        if self.cfg.bucketed:  # one shape per batch (ldm_train/data/bucketing.py)
+        if self.cfg.bucketed:  # one shape per batch (ldm_train/data/bucket_batches.py)
             batches = grouped_batches(decoded(), batch_size, self.cfg.bucket_cap)
         else:
             batches = batched(decoded(), batch_size)

@@ -38,17 +38,17 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ldm_train.config import UserError
+from ldm_train.diffusion.frozen import TextEncoder, vae_scale_factor
 from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, per_prompt, sample
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
-from ldm_train.diffusion.upstream import TextEncoder, vae_scale_factor
-from ldm_train.exports.transformers_clip import (
+from ldm_train.diffusion.text_encoder import TransformersTextEncoder, load_text_encoder
+from ldm_train.errors import UserError
+from ldm_train.formats.transformers_clip import (
     TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
     load_text_encoder_folders,
     save_text_encoder,
 )
-from ldm_train.text_encoder import TransformersTextEncoder, load_text_encoder
 
 log = logging.getLogger(__name__)
 

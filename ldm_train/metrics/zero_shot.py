@@ -9,7 +9,7 @@ import open_clip
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm_train.config import UserError, check_keys
+from ldm_train.errors import UserError, check_keys
 
 RECALL_AT: tuple[int, ...] = (1, 5)
 IGNORE_LABEL = -1  # a sample without a known label for a task: left out of its accuracy

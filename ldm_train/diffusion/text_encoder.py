@@ -24,9 +24,9 @@ import open_clip
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_train.config import UserError, check_choice
-from ldm_train.exports.clip import is_clip_folder, load_clip, load_named_clip
-from ldm_train.exports.transformers_clip import (
+from ldm_train.errors import UserError, check_choice
+from ldm_train.formats.clip_model import is_clip_folder, load_clip, load_named_clip
+from ldm_train.formats.transformers_clip import (
     clip_tokenizer,
     keep_layers,
     load_text_encoder_folders,
@@ -88,7 +88,7 @@ class ClipTextEncoder(FrozenTextEncoder):
     def from_pretrained(
         cls, export_dir: str | Path, layer: TextLayer = "last", device: str | torch.device = "cpu"
     ) -> ClipTextEncoder:
-        """Load a stage=clip export folder or an open_clip hub folder (ldm_train.exports.clip)."""
+        """Load a stage=clip export folder or an open_clip hub folder (ldm_train.formats.clip_model)."""
         clip = load_clip(export_dir, device)
         return cls(clip.model, clip.tokenizer, layer)
 

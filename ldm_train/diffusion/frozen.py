@@ -14,13 +14,13 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm_train.config import UserError
+from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 class TextEncoder(Protocol):
-    """What the U-Net stage needs from a text encoder (ldm_train.text_encoder.ClipTextEncoder)."""
+    """What the U-Net stage needs from a text encoder (ldm_train.diffusion.text_encoder.ClipTextEncoder)."""
 
     width: int
 

@@ -1,5 +1,5 @@
 """Do generated images show what their prompts ask for? Zero-shot classification of each image with
-the trained CLIP (ldm_train.clip_eval's class-prompt classifiers), against the prompt's labels."""
+the trained CLIP (ldm_train.metrics.zero_shot's class-prompt classifiers), against the prompt's labels."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ldm_train.clip_eval import ZeroShotTask
-from ldm_train.exports.clip import load_clip
+from ldm_train.formats.clip_model import load_clip
 from ldm_train.metrics.sample import SampleMetrics
+from ldm_train.metrics.zero_shot import ZeroShotTask
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
-from ldm_train.config import UserError, check_choice
+from ldm_train.errors import UserError, check_choice
 
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"

@@ -8,7 +8,7 @@ side ratio up to the maximum (NovelAI's recipe, as kohya's and SDXL's scripts bu
 image goes to the bucket nearest its aspect ratio (the distance of the log ratios: 2:1 is as far
 from 1:1 as 1:2), is resized keeping its ratio until it covers the bucket and is cropped to it
 (centre, or random in training with data.crop=random). Grouping into batches of one shape:
-ldm_train/data/bucketing.py.
+ldm_train/data/bucket_batches.py.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class BucketTransform:
 
 def refit(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """C x H x W -> C x height x width: resized keeping its ratio to cover, centre-cropped (a held
-    sample moved to another bucket: ldm_train/data/bucketing.py)."""
+    sample moved to another bucket: ldm_train/data/bucket_batches.py)."""
     if tuple(tensor.shape[-2:]) == (height, width):
         return tensor
     new_width, new_height = cover_size(tensor.shape[-1], tensor.shape[-2], (width, height))

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ldm_train.data.buckets import log_ratio, refit
+from ldm_train.data.bucket_sizes import log_ratio, refit
 
 Shape = tuple[int, int]  # (height, width) of a sample's image or latent
 Position = tuple[int, int]  # (pass, index in the pass) of a sample in its reader's stream
