@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import TRAIN_SHARDS, Rates, alternate, best, make_data, setup_process
 from ldm_train.data.datamodule import WebDataModule
+from ldm_train.data.shards import shard_urls
 from ldm_train.data.stream import LoaderConfig
 
 BATCH = 64
@@ -33,7 +34,7 @@ def canvases(side: int) -> list[list[int]]:
 
 def make_mixed(root: Path, side: int, n_train: int) -> str:
     make_data(root, n_train, side, canvases=canvases(side))
-    return f"{root}/train-{{000000..{SHARDS - 1:06d}}}.tar"
+    return shard_urls(root, "train", SHARDS)
 
 
 def loader_cpu() -> float:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from ldm_train.config import compose_config
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.data.shapes import make_shapes_dataset
+from ldm_train.data.shards import shard_path, shard_urls
 from ldm_train.train import build, build_callbacks
 
 # One core for the training process, the other for a loader worker: the two cores of the
@@ -32,7 +33,7 @@ def setup_process() -> None:
 
 def make_data(root: Path, n_train: int = 2048, image_size: int = 32, **options) -> Path:
     """The shapes dataset in TRAIN_SHARDS shards under root, once (options: e.g. canvases)."""
-    if not (root / f"train-{TRAIN_SHARDS - 1:06d}.tar").is_file():
+    if not shard_path(root, "train", TRAIN_SHARDS - 1).is_file():
         make_shapes_dataset(
             root,
             image_size=image_size,
@@ -47,7 +48,7 @@ def make_data(root: Path, n_train: int = 2048, image_size: int = 32, **options) 
 
 
 def train_urls(root: Path) -> str:
-    return f"{root}/train-{{000000..{TRAIN_SHARDS - 1:06d}}}.tar"
+    return shard_urls(root, "train", TRAIN_SHARDS)
 
 
 def stage_config(stage: str, root: Path, out: Path, *overrides: str) -> DictConfig:

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ldm_train.data.shards import shard_path, shard_urls
+
 REPO = Path(__file__).resolve().parents[1]
 FIRST_STEPS, RESUMED_STEPS = 2, 3
 GLOO_DDP = (
@@ -86,8 +88,8 @@ def shared_overrides(smoke: Smoke, work: Path, data: Path, upstream: dict[str, P
         f"experiment_name=smoke-{smoke.name}",
         f"paths.output_root={work / 'smoke'}",
         f"paths.data_dir={work / 'data'}",
-        f"data.train_urls='{data}/train-{{000000..000003}}.tar'",
-        f"data.val_urls='{data}/val-{{000000..000001}}.tar'",
+        f"data.train_urls='{shard_urls(data, 'train', 4)}'",
+        f"data.val_urls='{shard_urls(data, 'val', 2)}'",
         "data.make_dataset=null",
         "data.num_workers=0",
         "data.batch_size=8",
@@ -232,7 +234,7 @@ def run_smokes(cuda: bool, work: Path, timeout: float) -> list[Smoke]:
     from ldm_train.data.shapes import make_shapes_dataset
 
     data = work / "data" / "shapes-32"
-    if not (data / "val-000001.tar").is_file():
+    if not shard_path(data, "val", 1).is_file():
         make_shapes_dataset(
             data, image_size=32, n_train=256, n_val=64, train_shards=4, val_shards=2, progress=False
         )

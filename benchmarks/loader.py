@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from benchmarks.common import Clock, Rates, alternate, best, make_data, setup_process
+from benchmarks.common import Clock, Rates, alternate, best, make_data, setup_process, train_urls
 from ldm_train.data.datamodule import WebDataModule, expand_urls
 from ldm_train.data.stream import LoaderConfig, image_transform
 
@@ -110,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for image_size, n_train in SIZES.items():
             root = make_data(Path(tmp) / f"shapes-{image_size}", n_train, image_size)
-            urls = f"{root}/train-{{000000..000007}}.tar"
+            urls = train_urls(root)
             rates = {}
             for workers in WORKERS:
                 our_runs, plain_runs = alternate(

@@ -42,6 +42,7 @@ from ldm_train import quiet
 from ldm_train.config import check_overrides, compose_config
 from ldm_train.data.bucket_batches import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
+from ldm_train.data.shards import shard_path, shard_urls
 from ldm_train.data.stream import (
     LATENT_FLIP_KEY,
     LATENT_KEY,
@@ -52,8 +53,10 @@ from ldm_train.data.stream import (
     image_transform,
     read_pass,
 )
-from ldm_train.diffusion.frozen import text_context, vae_moments, vae_scale_factor
+from ldm_train.diffusion.conditioning import text_context
+from ldm_train.diffusion.latents import vae_moments
 from ldm_train.errors import UserError
+from ldm_train.formats.vae import vae_scale_factor
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def cache_latents(
     encode = (vae, text_encoder, batch_size or loader.batch_size, DTYPES[dtype], torch_device)
     counts, totals = cache_shards(urls, out_dir, part, loader, encode)
     info = {
-        "train_urls": f"{out_dir}/train-{{000000..{len(urls) - 1:06d}}}.tar",
+        "train_urls": shard_urls(out_dir, "train", len(urls)),
         "source_urls": urls,
         "vae": cfg.stage.vae,
         "text_encoder": cfg.stage.text_encoder,
@@ -177,7 +180,7 @@ def cache_shards(
     index, parts = part
     counts, totals = {"shards_written": 0, "shards_kept": 0}, StreamStats()
     for number, url in enumerate(urls):
-        out_file = out_dir / f"train-{number:06d}.tar"
+        out_file = shard_path(out_dir, "train", number)
         if number % parts != index:
             continue
         if out_file.is_file():

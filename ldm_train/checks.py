@@ -8,16 +8,15 @@ checked elsewhere (config.check_overrides before Hydra composes, train.validate 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from ldm_train.data.bucket_sizes import check_bucket_factor, data_bucket_sizes
-from ldm_train.diffusion.frozen import downsampling_factor, vae_folder
+from ldm_train.data.bucket_sizes import data_bucket_sizes
 from ldm_train.errors import UserError
+from ldm_train.formats.vae import check_training_sizes, downsampling_factor, folder_factor
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -46,17 +45,9 @@ def check_int(key: str, value: Any, at_least: int, hint: str = "") -> None:
 
 
 def check_image_size(cfg: DictConfig) -> None:
-    """The VAE halves the image size once per down block but the last: a size that does not
-    divide comes back from the decoder a few pixels smaller than it went in."""
+    """data.image_size and the buckets against the VAE's downsampling factor (formats/vae.py)."""
     factor, source = vae_factor(cfg)
-    check_bucket_factor(data_bucket_sizes(cfg.data), factor, source)
-    size = cfg.data.image_size
-    if factor > 1 and size % factor:
-        fits = max(factor, round(size / factor) * factor)
-        raise UserError(
-            f"data.image_size={size} is not a multiple of {factor}, the downsampling factor of "
-            f"{source}: use e.g. data.image_size={fits}"
-        )
+    check_training_sizes(cfg.data.image_size, data_bucket_sizes(cfg.data), factor, source)
 
 
 def vae_factor(cfg: DictConfig) -> tuple[int, str]:
@@ -67,16 +58,9 @@ def vae_factor(cfg: DictConfig) -> tuple[int, str]:
         if channels is not None:
             return downsampling_factor(channels), f"the VAE preset ({cfg.model.get('name')})"
     if stage == "unet" and cfg.stage.get("vae") is not None:
-        folder = vae_folder(cfg.stage.vae)
-        if folder is not None:  # a missing or unreadable VAE is the stage's own error
-            try:
-                channels = json.loads((folder / "config.json").read_text()).get(
-                    "block_out_channels"
-                )
-            except (ValueError, AttributeError):
-                channels = None
-            if isinstance(channels, list):
-                return downsampling_factor(channels), f"the VAE at {folder}"
+        found = folder_factor(cfg.stage.vae)  # a missing or unreadable VAE is the stage's own error
+        if found is not None:
+            return found[0], f"the VAE at {found[1]}"
     return 1, ""
 
 

@@ -12,7 +12,6 @@ images.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -20,11 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from ldm_train import quiet
-from ldm_train.callbacks.images import image_grid
 from ldm_train.diffusion.pipeline import Pipeline
+from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
 
 log = logging.getLogger("ldm_train.generate")
@@ -33,21 +31,8 @@ log = logging.getLogger("ldm_train.generate")
 def save_images(
     images: torch.Tensor, prompts: Sequence[str], n: int, seed: int, out_dir: str | Path
 ) -> list[Path]:
-    """One PNG per image, images.json (file, prompt, seed) and grid.png (a row per prompt)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pixels = (images + 1) / 2
-    paths, listing = [], []
-    for i, prompt in enumerate(prompts):
-        for j in range(n):
-            path = out_dir / f"{i:03d}-{j:03d}.png"
-            save_image(pixels[i * n + j], path)
-            paths.append(path)
-            listing.append({"file": path.name, "prompt": prompt, "seed": seed + j})
-    (out_dir / "images.json").write_text(json.dumps(listing, indent=2))
-    rows = list(images.view(len(prompts), n, *images.shape[1:]))
-    save_image(image_grid(rows, max_columns=n), out_dir / "grid.png")
-    return paths
+    """n images per prompt (prompt-major) as the PNGs, images.json and grid.png of save_rows."""
+    return save_rows(list(images.view(len(prompts), n, *images.shape[1:])), prompts, seed, out_dir)
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:

@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from ldm_train.cache_latents import INFO_FILE, cache_latents, main
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.data.stream import LATENT_FLIP_KEY, StreamStats, read_pass
-from ldm_train.diffusion.frozen import text_context, vae_moments
+from ldm_train.diffusion.conditioning import text_context
+from ldm_train.diffusion.latents import vae_moments
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")

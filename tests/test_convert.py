@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from ldm_train.data import convert
-from ldm_train.data.convert import brace_pattern, convert_folder
+from ldm_train.data.convert import convert_folder
+from ldm_train.data.shards import shard_urls
 
 IMAGE_KEYS = ("jpg", "png", "webp")
 
@@ -114,9 +115,9 @@ def test_report_counts_and_skips(converted):
     assert sorted(out.glob("*.tar")) == report.shards
 
 
-def test_round_trip_through_the_brace_pattern(converted, source):
+def test_round_trip_through_the_shard_urls(converted, source):
     out, report = converted
-    samples = read_samples(brace_pattern(out, "train", len(report.shards)))
+    samples = read_samples(shard_urls(out, "train", len(report.shards)))
     assert len(samples) == len(GOOD)
     by_source = {json.loads(sample["json"])["source"]: sample for sample in samples}
     assert set(by_source) == set(GOOD)
@@ -198,9 +199,9 @@ def test_errors_for_missing_or_empty_source(tmp_path):
         convert_folder(tmp_path / "empty", tmp_path / "out", progress=False)
 
 
-def test_brace_pattern():
-    assert brace_pattern("/d", "train", 1) == "/d/train-000000.tar"
-    assert brace_pattern("/d", "val", 12) == "/d/val-{000000..000011}.tar"
+def test_shard_urls():
+    assert shard_urls("/d", "train", 1) == "/d/train-000000.tar"
+    assert shard_urls("/d", "val", 12) == "/d/val-{000000..000011}.tar"
 
 
 def test_cli_prints_the_pattern(source, tmp_path, capsys):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_train.diffusion.frozen import load_vae, vae_moments
-from ldm_train.diffusion.latents import LatentEncoder
+from ldm_train.diffusion.latents import LatentEncoder, vae_moments
 from ldm_train.errors import UserError
+from ldm_train.formats.vae import load_vae
 
 CPU = torch.device("cpu")
 
@@ -63,7 +63,8 @@ def test_pixel_space_is_the_images(images):
 
 def test_image_size_must_be_a_multiple_of_the_vaes_factor(vae):
     with pytest.raises(
-        UserError, match=r"data.image_size=30 is not a multiple of the VAE's downsampling \(4\)"
+        UserError,
+        match=r"data.image_size=30 is not a multiple of 4, the downsampling factor of the VAE",
     ):
         LatentEncoder(vae, image_size=30)
 

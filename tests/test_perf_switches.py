@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from ldm_train.diffusion.frozen import vae_moments
+from ldm_train.diffusion.latents import vae_moments
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log", "ignore::UserWarning")

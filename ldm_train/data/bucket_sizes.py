@@ -108,16 +108,6 @@ if not OmegaConf.has_resolver("bucket_sizes"):
     OmegaConf.register_new_resolver("bucket_sizes", data_bucket_sizes)
 
 
-def check_bucket_factor(sizes: Sequence[Size] | None, factor: int, source: str) -> None:
-    """Bucket sides must divide by the VAE's factor (else the decoder returns fewer pixels)."""
-    for width, height in sizes or []:
-        if width % factor or height % factor:
-            raise UserError(
-                f"bucket {width}x{height} is not a multiple of {factor}, the downsampling factor "
-                f"of {source}: use multiples of {factor} in data.buckets (or data.bucket_step={factor})"
-            )
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> C x H x W float in [-1, 1] (one numpy view and one in-place scale)."""
     array = np.array(image, dtype=np.uint8, copy=True)  # H x W x 3, writable

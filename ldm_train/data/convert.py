@@ -25,6 +25,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ldm_train.data.shards import shard_glob, shard_urls, shard_writer_pattern
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
@@ -148,11 +150,6 @@ def _unique_key(relative_path: str, used: set[str]) -> str:
     return key
 
 
-def _shard_pattern(out_dir: Path, prefix: str) -> str:
-    # ShardWriter fills in the index with "%": escape any "%" that is part of the path.
-    return str(out_dir / f"{prefix}-").replace("%", "%%") + "%06d.tar"
-
-
 def convert_folder(
     src: str | Path,
     out_dir: str | Path,
@@ -209,7 +206,7 @@ def _record(path: Path, relative: str, used_keys: set[str]) -> dict:
 def _shard_writer(out_dir: Path, prefix: str, shard_size: int, report: ConvertReport):
     out_dir.mkdir(parents=True, exist_ok=True)
     return wds.ShardWriter(
-        _shard_pattern(out_dir, prefix),
+        shard_writer_pattern(out_dir, prefix),
         maxcount=shard_size,
         verbose=0,
         format="PAX_FORMAT",  # ustar caps names at 100 bytes; deep paths make long keys
@@ -231,7 +228,7 @@ def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:
             for reason, paths in sorted(report.skipped.items())
         )
         logger.warning("skipped %d files: %s", report.num_skipped, details)
-    stale = sorted(set(out_dir.glob(f"{prefix}-*.tar")) - set(report.shards))
+    stale = sorted(set(out_dir.glob(shard_glob(prefix))) - set(report.shards))
     if stale:
         logger.warning(
             "%s also holds %d older %s-*.tar shards that this run did not write (e.g. %s)",
@@ -240,13 +237,6 @@ def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:
             prefix,
             stale[0].name,
         )
-
-
-def brace_pattern(out_dir: str | Path, prefix: str, num_shards: int) -> str:
-    """The WebDataset URL of shards 0..num_shards-1, e.g. OUT/train-{000000..000003}.tar."""
-    if num_shards == 1:
-        return str(Path(out_dir) / f"{prefix}-000000.tar")
-    return str(Path(out_dir) / f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: no usable image under {args.src}", file=sys.stderr)
         return 1
     print(f"wrote {report.written} samples, skipped {report.num_skipped}")
-    pattern = brace_pattern(args.out, args.prefix, len(report.shards))
+    pattern = shard_urls(args.out, args.prefix, len(report.shards))
     print(f"data.train_urls='{pattern}'")
     return 0
 

@@ -29,6 +29,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ldm_train.data.shards import shard_paths, shard_urls
+
 logger = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -167,10 +169,6 @@ def _encode_sample(key: str, attrs: dict, image_size: int) -> dict:
     }
 
 
-def shard_paths(out_dir: str | Path, split: str, num_shards: int) -> list[Path]:
-    return [Path(out_dir) / f"{split}-{index:06d}.tar" for index in range(num_shards)]
-
-
 def shards_exist(out_dir: str | Path, train_shards: int, val_shards: int) -> bool:
     """True when out_dir holds every train and val shard."""
     paths = shard_paths(out_dir, "train", train_shards) + shard_paths(out_dir, "val", val_shards)
@@ -300,12 +298,6 @@ def make_shapes_dataset(
     return out_dir
 
 
-def _brace_pattern(out_dir: Path, split: str, num_shards: int) -> str:
-    if num_shards == 1:
-        return str(out_dir / f"{split}-000000.tar")
-    return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
-
-
 def parse_canvas(text: str) -> list[int]:
     if not re.fullmatch(r"\d+x\d+", text):
         raise argparse.ArgumentTypeError(f"{text!r}: write WIDTHxHEIGHT, e.g. 48x32")
@@ -339,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.quiet,
         canvases=args.canvas,
     )
-    train_urls = _brace_pattern(out_dir, "train", args.train_shards)
-    val_urls = _brace_pattern(out_dir, "val", args.val_shards)
+    train_urls = shard_urls(out_dir, "train", args.train_shards)
+    val_urls = shard_urls(out_dir, "val", args.val_shards)
     print(f"shapes dataset in {out_dir}: train {train_urls}, val {val_urls}")
     return 0
 

@@ -3,17 +3,37 @@
 One part of the U-Net stage, with what belongs to it: caption dropout (captions replaced by "", the
 unconditional input of classifier-free guidance), the cache of hidden states by caption, the
 empty caption's context, and hidden states that latent-cache shards bring along. Without a text
-encoder the U-Net trains unconditionally on a zero context (frozen.text_context).
+encoder the U-Net trains unconditionally on a zero context (text_context).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
-from ldm_train.diffusion.frozen import Frozen, KeyedCache, TextEncoder, text_context
+from ldm_train.diffusion.frozen import Frozen, KeyedCache
 from ldm_train.errors import UserError
+
+
+class TextEncoder(Protocol):
+    """What the U-Net stage needs from a text encoder (ldm_train.diffusion.text_encoder.ClipTextEncoder)."""
+
+    width: int
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def text_context(
+    text_encoder: TextEncoder | None, captions: list[str], width: int, device: torch.device
+) -> torch.Tensor:
+    """Cross-attention context B x L x width. Without a text encoder: one zero token, so the same
+    UNet2DConditionModel trains unconditionally (its cross-attention then adds a learned constant)."""
+    if text_encoder is None:
+        return torch.zeros(len(captions), 1, width, device=device)
+    hidden_states, _ = text_encoder(list(captions))
+    return hidden_states.to(device)
 
 
 class Conditioning:

@@ -1,4 +1,4 @@
-"""The U-Net's latent encoding: images -> x0, what the U-Net denoises.
+"""The U-Net's latent encoding: images -> x0, what the U-Net denoises, and back (decode_latents).
 
 One part of the U-Net stage: the frozen VAE's sampled, scaled latents (the encoder's Gaussians kept
 by sample key in a cache, or read from latent-cache shards), or, without a VAE, the images
@@ -11,18 +11,64 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm_train.data.bucket_sizes import check_bucket_factor
-from ldm_train.diffusion.frozen import (
-    Frozen,
-    KeyedCache,
-    encode_images,
-    latent_distribution,
-    moments_to_distribution,
-    sample_latents,
-    vae_scale_factor,
-)
+from ldm_train.diffusion.frozen import Frozen, KeyedCache
 from ldm_train.errors import UserError
+from ldm_train.formats.vae import check_training_sizes, latent_scale, vae_scale_factor
+
+
+def no_autocast(device: torch.device) -> torch.autocast:
+    """Mixed precision off: the VAE runs in its own dtype (fp32). SD's VAE overflows in fp16, and
+    bf16 latents would lose the precision the U-Net is trained to match."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's output per latent cell, B x 2C x h x w (mean, log-variance): the
+    parameters of diffusers' DiagonalGaussianDistribution, what a latent cache stores."""
+    with no_autocast(images.device):
+        return vae.encode(images.to(vae.dtype)).latent_dist.parameters
+
+
+def moments_to_distribution(moments: torch.Tensor) -> torch.Tensor:
+    """B x 2C x h x w moments -> B x 2 x C x h x w (mean, std), via diffusers' Gaussian."""
+    dist = DiagonalGaussianDistribution(moments)
+    return torch.stack([dist.mean, dist.std], dim=1)
+
+
+def latent_distribution(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's Gaussian per latent cell: B x 2 x C x h x w (mean, std)."""
+    return moments_to_distribution(vae_moments(vae, images))
+
+
+def sample_latents(
+    vae: AutoencoderKL, distribution: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One sample of each Gaussian, scaled as the U-Net sees it: (z - shift) * scaling_factor.
+    (diffusers' latent_dist.sample, from a mean and std that may come from a cache.)"""
+    mean, std = distribution.unbind(dim=1)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    scale, shift = latent_scale(vae)
+    return (mean + std * noise - shift) * scale
+
+
+def encode_images(
+    vae: AutoencoderKL | None, images: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Images in [-1, 1] -> the U-Net's input space: sampled, scaled latents (or the images)."""
+    if vae is None:
+        return images
+    return sample_latents(vae, latent_distribution(vae, images), generator)
+
+
+def decode_latents(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of encode_images: images in [-1, 1]."""
+    if vae is None:
+        return latents.clamp(-1, 1)
+    scale, shift = latent_scale(vae)
+    with no_autocast(latents.device):
+        return vae.decode(latents.to(vae.dtype) / scale + shift).sample.clamp(-1, 1)
 
 
 class LatentEncoder:
@@ -40,12 +86,7 @@ class LatentEncoder:
         deterministic image transforms (no random flip or crop). 0 keeps none. sizes: the
         (width, height) of the loader's aspect-ratio buckets, if on (`${bucket_sizes:${data}}`)."""
         self.factor = vae_scale_factor(vae)
-        if image_size % self.factor:
-            raise UserError(
-                f"data.image_size={image_size} is not a multiple of the VAE's downsampling "
-                f"({self.factor})"
-            )
-        check_bucket_factor(sizes, self.factor, "the VAE")
+        check_training_sizes(image_size, sizes, self.factor, "the VAE")
         # (h, w) of the latents a cache may hold: one per bucket, else the square's.
         self.latent_sides = {(h // self.factor, w // self.factor) for w, h in sizes or []}
         self._vae = Frozen(vae)

@@ -38,7 +38,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ldm_train.diffusion.frozen import TextEncoder, vae_scale_factor
+from ldm_train.diffusion.conditioning import TextEncoder
 from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, per_prompt, sample
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder, load_text_encoder
@@ -49,6 +49,7 @@ from ldm_train.formats.transformers_clip import (
     load_text_encoder_folders,
     save_text_encoder,
 )
+from ldm_train.formats.vae import vae_scale_factor
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ldm_train.diffusion.frozen import (
-    TextEncoder,
-    decode_latents,
-    text_context,
-    vae_scale_factor,
-)
+from ldm_train.diffusion.conditioning import TextEncoder, text_context
+from ldm_train.diffusion.latents import decode_latents
 from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
 from ldm_train.errors import UserError, check_choice
+from ldm_train.formats.vae import check_fits, vae_scale_factor
 
 
 @dataclass(frozen=True)
@@ -53,12 +50,7 @@ def latent_shape(
     U-Net and the VAE are convolutional (diffusers' U-Net resizes its upsampling to odd sides)."""
     factor = vae_scale_factor(vae)
     width, height = (int(side) for side in size)
-    if min(width, height) < factor or width % factor or height % factor:
-        near = "x".join(str(max(factor, round(side / factor) * factor)) for side in (width, height))
-        raise UserError(
-            f"size {width}x{height}: width and height must be multiples of {factor}, the VAE's "
-            f"downsampling factor (e.g. {near})"
-        )
+    check_fits([(width, height)], factor, "the VAE")
     return (unet.config.in_channels, height // factor, width // factor)
 
 

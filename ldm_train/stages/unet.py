@@ -31,8 +31,7 @@ from torchmetrics import MeanMetric
 from ldm_train.callbacks.images import log_image_rows
 from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.ema import EMA
-from ldm_train.diffusion.frozen import encode_images
-from ldm_train.diffusion.latents import LatentEncoder
+from ldm_train.diffusion.latents import LatentEncoder, encode_images
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import caption_sizes, sample_sized

@@ -37,6 +37,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.errors import UserError
+from ldm_train.formats.vae import save_vae
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.metrics.validation import MetricOptions, ReconstructionMetrics
 from ldm_train.perf import Perf
@@ -240,11 +241,7 @@ class VaeStage(StageModule):
                 "validate once (data.val_urls) to measure it"
             )
             scale = 1.0
-        self.net.register_to_config(scaling_factor=scale)
-        out_dir = Path(out_dir)
-        self.net.save_pretrained(out_dir, safe_serialization=True)
-        log.info("exported the VAE to %s (scaling_factor %.5f)", out_dir, scale)
-        return out_dir
+        return save_vae(self.net, out_dir, scale)
 
 
 def init_posterior_logvar(net: AutoencoderKL, logvar: float) -> None:
