@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from ldm_train.cache_latents import cache_latents
 from ldm_train.config import compose_config
-from ldm_train.formats.vae import vae_scale_factor
+from ldm_train.formats.vae_folder import vae_scale_factor
 
 STEPS, WARMUP, RUNS = 12, 3, 2
 # (U-Net preset, VAE preset, open_clip card of the text tower or None: the clip tiny preset, px)

@@ -56,7 +56,7 @@ from ldm_train.data.stream import (
 from ldm_train.diffusion.conditioning import text_context
 from ldm_train.diffusion.latents import vae_moments
 from ldm_train.errors import UserError
-from ldm_train.formats.vae import vae_scale_factor
+from ldm_train.formats.vae_folder import vae_scale_factor
 
 log = logging.getLogger(__name__)
 

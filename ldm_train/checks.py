@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ldm_train.data.bucket_sizes import data_bucket_sizes
 from ldm_train.errors import UserError
-from ldm_train.formats.vae import check_training_sizes, downsampling_factor, folder_factor
+from ldm_train.formats.vae_folder import check_training_sizes, downsampling_factor, folder_factor
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -45,7 +45,7 @@ def check_int(key: str, value: Any, at_least: int, hint: str = "") -> None:
 
 
 def check_image_size(cfg: DictConfig) -> None:
-    """data.image_size and the buckets against the VAE's downsampling factor (formats/vae.py)."""
+    """data.image_size and the buckets against the VAE's downsampling factor (formats/vae_folder.py)."""
     factor, source = vae_factor(cfg)
     check_training_sizes(cfg.data.image_size, data_bucket_sizes(cfg.data), factor, source)
 

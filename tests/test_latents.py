@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 
 from ldm_train.diffusion.latents import LatentEncoder, vae_moments
 from ldm_train.errors import UserError
-from ldm_train.formats.vae import load_vae
+from ldm_train.formats.vae_folder import load_vae
 
 CPU = torch.device("cpu")
 

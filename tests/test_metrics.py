@@ -7,6 +7,7 @@ evaluate command writes metrics.json for a tiny export or checkpoint."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import open_clip
@@ -21,6 +22,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm_train.config import compose_config
+from ldm_train.diffusion.sampler import per_prompt
 from ldm_train.errors import UserError
 from ldm_train.evaluate import main
 from ldm_train.formats.clip_model import load_clip, save_clip
@@ -28,7 +30,7 @@ from ldm_train.metrics.features import ClipImageFeatures, InceptionFeatures, to_
 from ldm_train.metrics.prompt_accuracy import prompt_accuracy
 from ldm_train.metrics.reference import choose_prompts, loader_options, read_validation
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
-from ldm_train.metrics.share import generate_share, rank_share
+from ldm_train.metrics.share import SampleFn, rank_share, sample_share
 from ldm_train.metrics.zero_shot import parse_zero_shot
 
 SHAPE_TASKS = parse_zero_shot(compose_config([]).data.zero_shot)
@@ -210,6 +212,24 @@ def test_rank_share_gives_every_rank_the_same_count_and_each_item_once():
         assert len({len(indices) for indices, _ in shares}) == 1
         own = [i for indices, mine in shares for i in indices[:mine]]
         assert sorted(own) == list(range(n))
+
+
+def generate_share(
+    sample_fn: SampleFn,
+    prompts: Sequence[str],
+    labels: Sequence[Mapping] | None,
+    n: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> tuple[torch.Tensor, list[str], list[Mapping] | None]:
+    """(How validation draws its share, composed here from sample_share.) This rank's images of n per prompt (image j of a prompt from seed + j, as on one process),
+    with their prompts and labels, the padding already dropped."""
+    repeated, seeds = per_prompt(prompts, n, seed)
+    images, indices, own = sample_share(sample_fn, repeated, seeds, rank, world_size)
+    kept = indices[:own]
+    kept_labels = [labels[i // n] for i in kept] if labels is not None else None
+    return images[:own], [repeated[i] for i in kept], kept_labels
 
 
 def test_ranks_generate_together_what_one_process_generates():

@@ -15,7 +15,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_train.diffusion.frozen import Frozen, KeyedCache
 from ldm_train.errors import UserError
-from ldm_train.formats.vae import check_training_sizes, latent_scale, vae_scale_factor
+from ldm_train.formats.vae_folder import check_training_sizes, latent_scale, vae_scale_factor
 
 
 def no_autocast(device: torch.device) -> torch.autocast:

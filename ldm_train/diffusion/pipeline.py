@@ -49,7 +49,7 @@ from ldm_train.formats.transformers_clip import (
     load_text_encoder_folders,
     save_text_encoder,
 )
-from ldm_train.formats.vae import vae_scale_factor
+from ldm_train.formats.vae_folder import vae_scale_factor
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from ldm_train.diffusion.conditioning import TextEncoder, text_context
 from ldm_train.diffusion.latents import decode_latents
 from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
 from ldm_train.errors import UserError, check_choice
-from ldm_train.formats.vae import check_fits, vae_scale_factor
+from ldm_train.formats.vae_folder import check_fits, vae_scale_factor
 
 
 @dataclass(frozen=True)

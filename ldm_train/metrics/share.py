@@ -4,11 +4,9 @@ shares back in order, e.g. for the grid."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-
-from ldm_train.diffusion.sampler import per_prompt
 
 # (prompts, seeds) -> images N x 3 x H x W, image i from the noise of seeds[i] (e.g. a partial of
 # ldm_train.diffusion.sampler.sample with the stage's U-Net, scheduler, VAE and text encoder).
@@ -47,21 +45,3 @@ def assemble(gathered: torch.Tensor, n_items: int, block: int | None = None) -> 
     block = block or -(-n_items // world_size)
     rows = [max(0, min(block, n_items - rank * block)) for rank in range(world_size)]
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(rows)])
-
-
-def generate_share(
-    sample_fn: SampleFn,
-    prompts: Sequence[str],
-    labels: Sequence[Mapping] | None,
-    n: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> tuple[torch.Tensor, list[str], list[Mapping] | None]:
-    """This rank's images of n per prompt (image j of a prompt from seed + j, as on one process),
-    with their prompts and labels, the padding already dropped."""
-    repeated, seeds = per_prompt(prompts, n, seed)
-    images, indices, own = sample_share(sample_fn, repeated, seeds, rank, world_size)
-    kept = indices[:own]
-    kept_labels = [labels[i // n] for i in kept] if labels is not None else None
-    return images[:own], [repeated[i] for i in kept], kept_labels

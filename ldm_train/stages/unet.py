@@ -18,8 +18,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import lightning as L
 import torch
@@ -296,8 +294,3 @@ class UnetStage(StageModule):
         """The pipeline folder (ldm_train.diffusion.pipeline), with the weights this module holds:
         the EMA's after training."""
         return self.pipeline().save(out_dir)
-
-
-def unet_factory(**preset: Any) -> UnetFactory:
-    """For code that builds a preset by hand (tests, notebooks): the partial the config makes."""
-    return partial(UNet2DConditionModel, **preset)

@@ -37,7 +37,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm_train.callbacks.images import image_grid, log_image
 from ldm_train.errors import UserError
-from ldm_train.formats.vae import save_vae
+from ldm_train.formats.vae_folder import save_vae
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.metrics.validation import MetricOptions, ReconstructionMetrics
 from ldm_train.perf import Perf

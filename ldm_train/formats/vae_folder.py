@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 
 
-def vae_folder(path: str | Path) -> Path | None:
+def find_vae_folder(path: str | Path) -> Path | None:
     """The AutoencoderKL folder at path: path itself, or its vae/ subfolder (an exported pipeline,
     or a Stable Diffusion checkout); None if neither has a config.json."""
     path = Path(path)
@@ -36,7 +36,7 @@ def load_vae(path: str | Path | None) -> AutoencoderKL | None:
     None for pixel space."""
     if path is None:
         return None
-    folder = vae_folder(path)
+    folder = find_vae_folder(path)
     if folder is None:
         raise UserError(
             f"stage.vae: no VAE at {path} (no config.json there); make it with "
@@ -82,7 +82,7 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
 def folder_factor(path: str | Path) -> tuple[int, Path] | None:
     """(downsampling factor, folder) of the VAE folder at path, read from its config.json alone
     (no weights loaded); None where there is no readable one (loading it says why)."""
-    folder = vae_folder(path)
+    folder = find_vae_folder(path)
     if folder is None:
         return None
     try:
