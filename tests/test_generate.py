@@ -51,7 +51,13 @@ def test_generate_cli_same_seed_same_pngs(trained, tmp_path):
         tmp_path / "c" / "000-000.png"
     ).read_bytes()
     listing = json.loads((tmp_path / "a" / "images.json").read_text())
-    assert listing[3] == {"file": "001-001.png", "prompt": "a blue cross", "seed": 1}
+    assert listing[3] == {
+        "file": "001-001.png",
+        "prompt": "a blue cross",
+        "seed": 1,
+        "width": 32,
+        "height": 32,
+    }
 
 
 def test_generate_cli_errors_are_one_line(trained, tmp_path, capsys):
