@@ -27,7 +27,7 @@ from ldm_train.metrics.features import to_uint8
 from ldm_train.metrics.reference import loader_options, read_validation
 from ldm_train.metrics.sample import SampleMetrics
 from ldm_train.metrics.share import assemble, rank_share, sample_share
-from ldm_train.metrics.validation import MetricOptions, SampleOptions, ValidationSamples
+from ldm_train.metrics.validation import MetricOptions, ValidationDraws, ValidationOptions
 from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -142,14 +142,14 @@ def test_metric_options_turn_off_what_needs_a_missing_clip(upstream, tmp_path, c
 
 def test_what_is_not_measured_is_not_drawn(upstream, tiny_shards):
     with pytest.raises(UserError, match="metric_images=1; need >= 2"):
-        SampleOptions(metric_images=1)
-    samples = ValidationSamples(
-        SampleOptions(samples_per_prompt=0, metrics=MetricOptions(clip=str(upstream["clip"])))
+        ValidationOptions(metric_images=1)
+    samples = ValidationDraws(
+        ValidationOptions(samples_per_prompt=0, metrics=MetricOptions(clip=str(upstream["clip"])))
     )
     urls = expand_urls(tiny_shards["val_urls"])
     samples.prepare(urls, loader_options({}, 32), conditional=True)
     assert samples.metrics is None and not samples.due()
-    no_clip = ValidationSamples(SampleOptions(metrics=MetricOptions(clip=None)))
+    no_clip = ValidationDraws(ValidationOptions(metrics=MetricOptions(clip=None)))
     no_clip.prepare(urls, loader_options({}, 32), conditional=True)
     assert no_clip.prompts == val_captions(tiny_shards, 8) and no_clip.measured == []
 

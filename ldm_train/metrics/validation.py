@@ -1,5 +1,5 @@
 """Sample metrics in the stages' validation: which CLIP and features measure (MetricOptions), the
-U-Net's validation samples (ValidationSamples) and the VAE's reconstruction distances
+U-Net's validation samples (ValidationDraws) and the VAE's reconstruction distances
 (ReconstructionMetrics).
 
 Every k-th U-Net validation draws a grid (samples_per_prompt images for each of data.prompts, else
@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm_train.data.stream import LoaderConfig
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
+from ldm_train.diffusion.sizes import caption_sizes
 from ldm_train.errors import UserError
 from ldm_train.formats.clip_model import is_clip_folder
 from ldm_train.metrics.features import FeatureKind, to_uint8
@@ -87,9 +89,10 @@ class MetricOptions:
 
 
 @dataclass
-class SampleOptions:
-    """What a U-Net validation draws, at every every_n_validations-th validation (0: never), with
-    `sampling`: a grid of samples_per_prompt images (0: no samples at all) for each prompt
+class ValidationOptions:
+    """What a U-Net validation measures (config stage.module.validation): val/mse at `timesteps`
+    evenly spaced timesteps with fixed noise, and what it draws, at every every_n_validations-th
+    validation (0: never), with `sampling` (also the export's sampling defaults): a grid of samples_per_prompt images (0: no samples at all) for each prompt
     (data.prompts; none: the first max_prompts captions of the validation shards), and, for the
     metrics (None: the grid only), one image for each of the first metric_images captions of the
     validation shards, measured against the first max_reference validation images: generated and
@@ -103,26 +106,41 @@ class SampleOptions:
     max_reference: int = 256
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     metrics: MetricOptions | None = None
+    timesteps: int = 5
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, DictConfig | ListConfig):
+            self.prompts = OmegaConf.to_container(self.prompts, resolve=True)
+        # data.prompts entries may carry a width and a height (ldm_train.diffusion.sizes)
+        self.sizes = caption_sizes(self.prompts or [])
         self.prompts = prompt_labels(self.prompts or [])[0]
         if isinstance(self.sampling, Mapping):
             self.sampling = SamplingOptions(**self.sampling)
         self.metrics = MetricOptions.parse(self.metrics)
-        least = {"max_prompts": 1, "samples_per_prompt": 0, "every_n_validations": 0}
+        least = {
+            "max_prompts": 1,
+            "samples_per_prompt": 0,
+            "every_n_validations": 0,
+            "timesteps": 1,
+        }
         for name, low in (least | {"metric_images": 2, "max_reference": 2}).items():
             if getattr(self, name) < low:
                 raise UserError(
                     f"stage.module.validation.{name}={getattr(self, name)}; need >= {low}"
                 )
 
+    @classmethod
+    def parse(cls, options: ValidationOptions | Mapping | None) -> ValidationOptions:
+        """From the config's mapping (or as given)."""
+        return options if isinstance(options, cls) else cls(**(options or {}))
 
-class ValidationSamples:
-    """The samples of a run's validations: the grid's prompts, the captions the metrics measure,
+
+class ValidationDraws:
+    """What a run's validations draw: the grid's prompts, the captions the metrics measure,
     the reference, the metrics, the validation count. Shared by every copy of the stage
     (deepcopy, e.g. the EMA's, returns it)."""
 
-    def __init__(self, options: SampleOptions):
+    def __init__(self, options: ValidationOptions):
         self.options = options
         self.prompts: list[str] = list(options.prompts)  # the grid's
         self.measured: list[str] = []  # the captions the metrics measure, one image each
@@ -133,7 +151,7 @@ class ValidationSamples:
         self.validations = 0  # validations so far (not sanity checks); in checkpoints
         self.drawn = 0  # images the latest draw made (all ranks, padding left out)
 
-    def __deepcopy__(self, memo: dict) -> ValidationSamples:
+    def __deepcopy__(self, memo: dict) -> ValidationDraws:
         return self
 
     @property

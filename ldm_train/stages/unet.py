@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from ldm_train.callbacks.images import log_image_rows
@@ -32,10 +30,10 @@ from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.latents import LatentEncoder, encode_images
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
 from ldm_train.diffusion.pipeline import Pipeline
-from ldm_train.diffusion.sizes import caption_sizes, sample_sized
+from ldm_train.diffusion.sizes import sample_sized
 from ldm_train.distributed import full_weights
 from ldm_train.errors import UserError
-from ldm_train.metrics.validation import SampleOptions, ValidationSamples
+from ldm_train.metrics.validation import ValidationDraws, ValidationOptions
 from ldm_train.perf import Perf, unet_training_flops
 from ldm_train.pretrained import check_unet_fits, is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
@@ -46,29 +44,6 @@ UnetFactory = Callable[..., UNet2DConditionModel]
 VALIDATION_SEED = (
     7_777_777  # the validation loss's noise: the same at every validation of every run
 )
-
-
-@dataclass
-class ValidationOptions(SampleOptions):
-    """What a validation measures (config stage.module.validation): val/mse at `timesteps` evenly
-    spaced timesteps with fixed noise, and samples (SampleOptions: a grid with a caption per prompt,
-    measured), drawn with `sampling` (also the export's sampling defaults)."""
-
-    timesteps: int = 5
-
-    def __post_init__(self) -> None:
-        if isinstance(self.prompts, DictConfig | ListConfig):
-            self.prompts = OmegaConf.to_container(self.prompts, resolve=True)
-        # data.prompts entries may carry a width and a height (ldm_train.diffusion.sizes)
-        self.sizes = caption_sizes(self.prompts or [])
-        super().__post_init__()
-        if self.timesteps < 1:
-            raise UserError(f"stage.module.validation.timesteps={self.timesteps}; need >= 1")
-
-    @classmethod
-    def parse(cls, options: ValidationOptions | Mapping | None) -> ValidationOptions:
-        """From the config's mapping (or as given)."""
-        return options if isinstance(options, cls) else cls(**(options or {}))
 
 
 class SamplesBeforeEMA(L.Callback):
@@ -155,7 +130,7 @@ class UnetStage(StageModule):
         self.loss = loss or DiffusionObjective()
         self.ema_decay, self.seed = check_ema_decay(ema_decay), seed
         self.validation = ValidationOptions.parse(validation)
-        self.samples = ValidationSamples(self.validation)
+        self.samples = ValidationDraws(self.validation)
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.fixed_timesteps())
         # (x0, context) shapes of the latest training batch; FLOPs per batch shape
