@@ -341,7 +341,11 @@ class ForkServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        self.ready = self.answer(120).get("ready", False)
+        try:  # about 10 s on a quiet machine
+            self.ready = self.answer(600).get("ready", False)
+        except TimeoutError:  # a machine too busy to import in time: fresh interpreters instead
+            self.server.kill()
+            self.ready = False
 
     def answer(self, timeout: float) -> dict:
         """The server's next line, or TimeoutError; {} if the server has gone."""
