@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ GLOO_DDP = (
     "process_group_backend:gloo}"
 )
 TWO_NODES = ["trainer.devices=1", "trainer.num_nodes=2"]
+# One export loaded at a time: the smokes run in threads, and diffusers' from_pretrained builds
+# models under accelerate's init_empty_weights, which patches torch.nn.Module for every thread (a
+# model another thread builds meanwhile gets weights on the meta device: "Cannot copy out of meta
+# tensor").
+LOADING = threading.Lock()
 
 
 @dataclass
@@ -220,9 +226,10 @@ def run_smoke(smoke: Smoke, shared: list[str], logs: Path, timeout: float) -> di
     expected = RESUMED_STEPS if smoke.resumes else FIRST_STEPS
     if steps != expected or (smoke.resumes and "continuing from" not in output):
         return {"status": "failed", "note": f"last.ckpt at step {steps}, expected {expected}"}
-    image = Pipeline.load(run_dir / "export").generate(
-        ["a red circle"], 1, SamplingOptions(steps=2)
-    )
+    with LOADING:
+        image = Pipeline.load(run_dir / "export").generate(
+            ["a red circle"], 1, SamplingOptions(steps=2)
+        )
     resumed = f", resumed to {steps}" if smoke.resumes else ""
     note = f"{FIRST_STEPS} steps{resumed}, export draws {tuple(image.shape)}"
     return {"status": "ok", "note": note, "seconds": round(time.monotonic() - started, 1)}

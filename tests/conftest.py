@@ -152,6 +152,29 @@ def write_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
     return path
 
 
+def tiny_unet(channels: int = 4, **config) -> UNet2DConditionModel:
+    """A random diffusers UNet2DConditionModel for 8 x 8 inputs of `channels` channels (tiny_vae's
+    latents unless told) with cross-attention of width 32; config: more of its arguments."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        **config,
+    )
+
+
+@pytest.fixture(scope="session")
+def make_unet() -> Callable[..., UNet2DConditionModel]:
+    """make(channels=4, **config) -> tiny_unet(channels, **config), random weights."""
+    return tiny_unet
+
+
 def tiny_sd_pipeline() -> StableDiffusionPipeline:
     """A StableDiffusionPipeline of tiny random parts in SD 1.x's layout: a CLIPTextModel (width 32,
     3 layers, context 24) whose tokenizer pads with the end token as SD 1.x's does, tiny_vae and a
@@ -169,21 +192,11 @@ def tiny_sd_pipeline() -> StableDiffusionPipeline:
     ).eval()
     tokenizer = clip_tokenizer(24)
     tokenizer.pad_token = "<|endoftext|>"
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    )
     return StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=tiny_unet(attention_head_dim=4),
         scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
@@ -341,7 +354,11 @@ class ForkServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        self.ready = self.answer(120).get("ready", False)
+        try:  # about 10 s on a quiet machine
+            self.ready = self.answer(600).get("ready", False)
+        except TimeoutError:  # a machine too busy to import in time: fresh interpreters instead
+            self.server.kill()
+            self.ready = False
 
     def answer(self, timeout: float) -> dict:
         """The server's next line, or TimeoutError; {} if the server has gone."""

@@ -19,7 +19,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from omegaconf import OmegaConf
 
@@ -176,27 +175,13 @@ def test_exports_from_before_model_index_still_load_and_convert(trained, upstrea
     assert_samples_as_generate(converted, options)
 
 
-def tiny_unet(in_channels: int) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    ).eval()
-
-
 @pytest.mark.parametrize("kind", ["pixel_space", "unconditional"])
-def test_what_diffusers_cannot_hold_is_our_own_format(trained, kind, tmp_path, caplog):
+def test_what_diffusers_cannot_hold_is_our_own_format(trained, kind, tmp_path, caplog, make_unet):
     parts = Pipeline.load(trained[1])
     pixel = kind == "pixel_space"
+    torch.manual_seed(0)
     pipeline = Pipeline(
-        unet=tiny_unet(3 if pixel else 4),
+        unet=make_unet(3 if pixel else 4).eval(),
         scheduler=build_noise_scheduler(),
         vae=None if pixel else parts.vae,
         text_encoder=parts.text_encoder if pixel else None,

@@ -6,7 +6,8 @@
 - Lightning's FSDPStrategy (trainer=fsdp, FULL_SHARD) through the real CLI on 2 CPU processes
   (CpuFSDPStrategy): the export equals the checkpoint's full weights, and so does an export of
   that checkpoint in one process.
-This file is also the FSDP2 worker: `python tests/test_distributed.py MODE OUT_DIR` as one rank.
+This file is also the FSDP2 worker: `python -m test_distributed MODE OUT_DIR` (tests/ on the path)
+as one rank.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def test_fully_sharded_weights_are_gathered_on_every_rank(mode, tmp_path, free_p
     port = str(free_port())
     ranks = [
         (
-            [__file__, mode, str(tmp_path / "export")],
+            ["-m", "test_distributed", mode, str(tmp_path / "export")],
             dict(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         )
         for r in range(2)
