@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, reading
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def load_vae(path: str | Path | None) -> AutoencoderKL | None:
             "`python -m ldm_train stage=vae` (same data/experiment options), or set stage.vae to a "
             "diffusers AutoencoderKL folder, or stage.vae=null to train in pixel space"
         )
-    vae = AutoencoderKL.from_pretrained(folder)
+    with reading(f"stage.vae={path}", " (a diffusers AutoencoderKL folder, safetensors weights)"):
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
     log.info("VAE from %s (scaling_factor %s)", folder, vae.config.scaling_factor)
     return vae.eval().requires_grad_(False)
 
