@@ -108,11 +108,13 @@ def write_folder(
     option: str = "the output folder",
     known: Sequence[str] = (),
     ours: bool = False,
+    may_skip: bool = False,
 ) -> Path | None:
     """write(folder) fills a fresh folder beside `target`, which then takes target's place whole;
     returns target. An existing target must be ours (check_ours, `option` naming it in the error;
-    ours=True: the caller owns it, e.g. a run directory's export/). When write returns None
-    there was nothing to write: target is left as it was and None returned."""
+    ours=True: the caller owns it, e.g. a run directory's export/). may_skip: write returns None
+    when there is nothing to write (a stage without an export): target is left as it was and
+    None returned."""
     target = Path(target)
     if not ours:
         check_ours(target, option, known)
@@ -121,7 +123,7 @@ def write_folder(
     try:
         with written_beside(target) as temporary:
             temporary.mkdir()
-            if write(temporary) is None:
+            if write(temporary) is None and may_skip:
                 raise _Nothing
             mark(temporary, what)
     except _Nothing:

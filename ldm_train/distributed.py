@@ -106,13 +106,15 @@ def export_stage(
     # A fresh folder beside out_dir, moved into place whole (ldm_train.atomic): a run's export/
     # is the run directory's own, replaced by each export.
     if not is_sharded(model):
-        return from_rank_zero(lambda: write_folder(out_dir, module.export, "export", ours=True))
+        return from_rank_zero(
+            lambda: write_folder(out_dir, module.export, "export", ours=True, may_skip=True)
+        )
     state = full_state_dict(model)  # on every rank
 
     def export_whole() -> Path | None:
         whole = rebuild()
         whole.load_state_dict(state)
-        return write_folder(out_dir, whole.export, "export", ours=True)
+        return write_folder(out_dir, whole.export, "export", ours=True, may_skip=True)
 
     return from_rank_zero(export_whole)
 

@@ -184,6 +184,7 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> tuple[dict, Callable[[P
     typed |= {"data.val_urls"} if args.val_urls else set()
     export_dir, cfg = open_target(Path(args.target), scratch, typed)
     cfg = apply_overrides(cfg, args.overrides, args.val_urls)
+    check_config(cfg)  # the user's overrides too: one line naming the key
     device = cli.device(args.device)
     pipeline = Pipeline.load(export_dir, device)
     options = cli.sampling_options(args, pipeline.sampling)

@@ -79,7 +79,12 @@ def export_checkpoint(
         ) from None
     out = Path(out_dir) if out_dir else run.export
     exported = write_folder(
-        out, module.export, f"{stage} export", "--out", ours=out.resolve() == run.export.resolve()
+        out,
+        module.export,
+        f"{stage} export",
+        "--out",
+        ours=out.resolve() == run.export.resolve(),
+        may_skip=True,
     )
     if exported is None:
         raise UserError(f"stage {stage} has nothing to export")

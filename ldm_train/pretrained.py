@@ -41,6 +41,7 @@ from ldm_train.formats.clip_model import (
     load_named_clip,
     read_weights,
 )
+from ldm_train.safety import check_safetensors
 from ldm_train.train import build
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SOURCE = "pretrained_from"  # the attribute that marks a net as loaded here: where from
 FROM_DISK: dict[str, Any] = {
     "local_files_only": True,
+    "use_safetensors": True,  # a pickled .bin is never opened
     "torch_dtype": torch.float32,
     # diffusers' default without accelerate installed warns, then loads as with False.
     "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
@@ -140,6 +142,7 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
 def read_model(cls: type, folder: Path) -> Any:
     """cls.from_pretrained(folder) from disk in float32; a folder without its weights file is a
     one-line error."""
+    check_safetensors(folder, f"model.pretrained={folder}")
     with reading(f"model.pretrained={folder}", " (diffusers' folder: config.json + weights)"):
         return cls.from_pretrained(folder, **FROM_DISK)
 

@@ -125,16 +125,15 @@ class Choice(Rule):
 
     @property
     def allowed(self) -> str:
-        return "one of: " + ", ".join(map(str, self.choices))
+        return "one of: " + ", ".join(dict.fromkeys(map(str, self.choices)))
 
     def fits(self, value: Any) -> bool:
         return value in self.choices and not isinstance(value, bool | float)
 
     def message(self, key: str, shown: str) -> str:  # as errors.check_choice says it
         null = ", null" if self.null else ""
-        return (
-            f"{key}={shown} is not valid; choose one of: {', '.join(map(str, self.choices))}{null}"
-        )
+        names = ", ".join(dict.fromkeys(map(str, self.choices)))  # 32 and "32": one name
+        return f"{key}={shown} is not valid; choose one of: {names}{null}"
 
 
 @dataclass(frozen=True)

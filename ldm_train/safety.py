@@ -109,7 +109,13 @@ def resolve(name: str, trusted: Trusted) -> Callable | None:
     if name in registry():
         return locate(registry()[name])
     if trusted.admits(name):
-        return locate(name.rpartition(".")[0] + ":" + name.rpartition(".")[2])
+        module, _, attribute = name.rpartition(".")
+        try:
+            return locate(f"{module}:{attribute}")
+        except (ImportError, AttributeError, ValueError) as error:
+            raise UserError(
+                f"--allow-target {name}: cannot import it ({first_line(error)})"
+            ) from None
     return None
 
 
@@ -172,13 +178,18 @@ def check_node(node: Any, where: str, source: str | Path, trusted: Trusted) -> A
     if not isinstance(node, dict):
         check_value(node, where, source)
         return node
+    target = check_target(node, where, source, trusted) if "_target_" in node else None
     checked = {
         key: check_node(value, f"{where}.{key}", source, trusted)
         for key, value in node.items()
         if key != "_target_"
     }
-    if "_target_" not in node:
-        return checked
+    return checked if target is None else {**checked, "_target_": target}
+
+
+def check_target(node: dict, where: str, source: str | Path, trusted: Trusted) -> Callable:
+    """The callable a node's `_target_` names, if the registry (or the user) admits it and the
+    node's fields are its parameters."""
     name = node["_target_"]
     target = resolve(name, trusted) if isinstance(name, str) else None
     if target is None:
@@ -193,7 +204,7 @@ def check_node(node: Any, where: str, source: str | Path, trusted: Trusted) -> A
     ]
     if unknown:
         raise UserError(f"{source}: {where}.{unknown[0]} is not a parameter of {name}")
-    return {**checked, "_target_": target}
+    return target
 
 
 def rebuild(
@@ -209,7 +220,21 @@ def rebuild(
     try:
         return instantiate(checked)
     except Exception as error:  # noqa: BLE001 - the file's values: said in one line
-        cause = error.__cause__ if isinstance(error.__cause__, UserError) else error
+        cause = error
+        while cause.__cause__ is not None:  # Hydra's InstantiationException wraps the reason
+            cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
         raise UserError(f"{source}: cannot build {where}: {first_line(cause)}") from None
+
+
+def check_safetensors(folder: Path, what: str) -> None:
+    """Weights are read from safetensors only (no pickle is opened, however safely): a model
+    folder without them is a one-line UserError instead of a library's fallback to a .bin (and
+    its warnings)."""
+    if not any(Path(folder).glob("*.safetensors")) and not any(
+        Path(folder).glob("*.safetensors.index.json")
+    ):
+        found = sorted(p.name for p in Path(folder).glob("*.bin"))
+        also = f" (it holds {', '.join(found)}: pickles, not loaded)" if found else ""
+        raise UserError(f"{what}: no safetensors weights in {folder}{also}")

@@ -57,6 +57,7 @@ from ldm_train.formats.transformers_clip import (
     save_text_encoder,
 )
 from ldm_train.rules import Int
+from ldm_train.safety import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ MODEL_INDEX = StableDiffusionPipeline.config_name  # model_index.json
 SCHEDULER_CONFIG = SchedulerMixin.config_name  # scheduler_config.json
 PARTS = ("unet", "scheduler", "vae", TEXT_ENCODER_DIR, TOKENIZER_DIR)
 INDEX_RULES = {"image_size": Int(1, MAX_SIDE)}
+# Weights from disk, safetensors only: a pickled .bin is never opened (nor its warnings printed).
+SAFE = {"local_files_only": True, "use_safetensors": True}
 
 
 @dataclass
@@ -170,11 +173,14 @@ class Pipeline:
         index = read_index(export_dir)
         with reading(export_dir, " (a broken or half-written export? export it again)"):
             parts = {name: part_folder(export_dir, index, name) for name in PARTS}
+            for name in ("unet", "vae"):
+                if parts[name] is not None:
+                    check_safetensors(parts[name], f"{export_dir}: {name}")
             vae = None
             if parts["vae"] is not None:
-                vae = AutoencoderKL.from_pretrained(parts["vae"], local_files_only=True)
+                vae = AutoencoderKL.from_pretrained(parts["vae"], **SAFE)
             text_encoder = read_text_encoder(parts, index.get("text_layer") or "last")
-            unet = UNet2DConditionModel.from_pretrained(parts["unet"], local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(parts["unet"], **SAFE)
             scheduler = train_scheduler(index, parts["scheduler"])
             return cls(
                 unet=unet.to(device).eval(),
