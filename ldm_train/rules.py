@@ -51,6 +51,14 @@ class Rule:
         return text
 
 
+def convert(kind: type, text: str) -> Any:
+    """The text as a `kind`, or the text itself (then the rule says what it must be)."""
+    try:
+        return kind(text)
+    except ValueError:
+        return text
+
+
 def bounds(low: float | None, high: float | None, low_open: bool = False) -> str:
     if low is not None and high is not None and not low_open:
         return f"from {low} to {high}"
@@ -79,11 +87,7 @@ class Int(Rule):
             and (self.high is None or value <= self.high)
         )
 
-    def parse(self, text: str) -> Any:
-        try:
-            return int(text)
-        except ValueError:
-            return text
+    parse = staticmethod(lambda text: convert(int, text))
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,7 @@ class Real(Rule):
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         return above and (self.high is None or value <= self.high)
 
-    def parse(self, text: str) -> Any:
-        try:
-            return float(text)
-        except ValueError:
-            return text
+    parse = staticmethod(lambda text: convert(float, text))
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,10 @@ def resolve(name: str, trusted: Trusted) -> Callable | None:
     """The callable a config's `_target_` name stands for; None if neither the registry nor the
     user's command line admits it."""
     if name in registry():
-        return locate(registry()[name])
+        try:
+            return locate(registry()[name])
+        except (ImportError, AttributeError) as error:  # a registry entry this install lacks
+            raise UserError(f"{name}: not in this version ({first_line(error)})") from None
     if trusted.admits(name):
         module, _, attribute = name.rpartition(".")
         try:

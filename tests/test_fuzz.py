@@ -119,51 +119,20 @@ CASES = [
 def files(tmp_path_factory, trained, upstream, tiny_shards) -> dict[str, str]:
     """The inputs the cases name: the trained export and run, and broken copies of them."""
     root = tmp_path_factory.mktemp("fuzz_inputs")
-    export = trained[1]
-    run = export.parent
-    marker = root / "PAYLOAD_RAN"
-    found = {name: str(p) for name, p in damaged_exports(export, root / "exports", marker).items()}
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    runs = root / "runs"
-    for name, text, ckpt in [
-        ("bad_yaml_run", "stage: [unclosed", None),
-        ("list_yaml_run", "- a\n- b\n", None),
-        ("interpolating_run", "stage:\n  name: unet\n  module: {x: '${oc.env:HOME}'}\n", None),
-        ("no_stage_run", yaml.safe_dump({k: v for k, v in config.items() if k != "stage"}), None),
-        (
-            "vae_config_run",
-            yaml.safe_dump({**config, "stage": {**config["stage"], "name": "vae"}}),
-            None,
-        ),
-        (
-            "misfit_run",
-            (run / "config.yaml").read_text().replace("layers_per_block: 1", "layers_per_block: 2"),
-            None,
-        ),
-        ("text_ckpt_run", None, b"not a checkpoint\n"),
-        ("empty_ckpt_run", None, b""),
-        ("list_ckpt_run", None, b""),
-        ("pickle_ckpt_run", None, b""),
-    ]:
-        found[name] = str(run_copy(run, runs / name, text, ckpt))
-    torch.save([1, 2], runs / "list_ckpt_run" / "checkpoints" / "last.ckpt")
-    torch.save(
-        {"state_dict": Payload(marker)}, runs / "pickle_ckpt_run" / "checkpoints" / "last.ckpt"
-    )
-    found["no_ckpt_run"] = str(run_copy(run, runs / "no_ckpt_run", None, b""))
-    (runs / "no_ckpt_run" / "checkpoints" / "last.ckpt").unlink()
-    bad_yaml_export = shutil.copytree(export, runs / "bad_yaml_export_run" / "export")
-    (bad_yaml_export.parent / "config.yaml").write_text("data: {val_urls: [")
+    export, marker = trained[1], root / "PAYLOAD_RAN"
+    found = {
+        **damaged_exports(export, root / "exports", marker),
+        **damaged_runs(export.parent, root / "runs", marker),
+    }
     (root / "afile").write_text("a file")
     (root / "latin1.txt").write_bytes("un caf\xe9 rouge\n".encode("latin-1"))
     user = root / "userdir"
     (user / "unet").mkdir(parents=True)
     (user / "unet" / "mine.txt").write_text("mine")
     return {
-        **found,
+        **{name: str(path) for name, path in found.items()},
         "export": str(export),
-        "run": str(run),
-        "bad_yaml_export": str(bad_yaml_export),
+        "run": str(export.parent),
         "afile": str(root / "afile"),
         "latin1": str(root / "latin1.txt"),
         "nowhere": str(root / "nowhere"),
@@ -176,6 +145,35 @@ def files(tmp_path_factory, trained, upstream, tiny_shards) -> dict[str, str]:
         "pickled_clip": str(pickled_folder(upstream["clip"], root / "clip", "open_clip_pytorch_model.bin", marker)),
         "not_tar": str(tar_free(root / "not-a-tar.tar")),
     }  # fmt: skip
+
+
+def damaged_runs(run: Path, root: Path, marker: Path) -> dict[str, Path]:
+    """Copies of a unet run folder, its config.yaml or last.ckpt broken one way each."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    text = (run / "config.yaml").read_text()
+    found = {
+        name: run_copy(run, root / name, config_text, ckpt)
+        for name, config_text, ckpt in [
+            ("bad_yaml_run", "stage: [unclosed", None),
+            ("list_yaml_run", "- a\n- b\n", None),
+            ("interpolating_run", "stage:\n  name: unet\n  module: {x: '${oc.env:HOME}'}\n", None),
+            ("no_stage_run", yaml.safe_dump({k: v for k, v in config.items() if k != "stage"}), None),
+            ("vae_config_run", yaml.safe_dump({**config, "stage": {**config["stage"], "name": "vae"}}), None),
+            ("misfit_run", text.replace("layers_per_block: 1", "layers_per_block: 2"), None),
+            ("text_ckpt_run", None, b"not a checkpoint\n"),
+            ("empty_ckpt_run", None, b""),
+            ("list_ckpt_run", None, b""),
+            ("pickle_ckpt_run", None, b""),
+            ("no_ckpt_run", None, b""),
+        ]
+    }  # fmt: skip
+    torch.save([1, 2], found["list_ckpt_run"] / "checkpoints" / "last.ckpt")
+    payload = {"state_dict": Payload(marker)}
+    torch.save(payload, found["pickle_ckpt_run"] / "checkpoints" / "last.ckpt")
+    (found["no_ckpt_run"] / "checkpoints" / "last.ckpt").unlink()
+    found["bad_yaml_export"] = shutil.copytree(run / "export", root / "bad_yaml" / "export")
+    (root / "bad_yaml" / "config.yaml").write_text("data: {val_urls: [")
+    return found
 
 
 def tar_free(path: Path) -> Path:
