@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train import quiet
+from ldm_train.atomic import write_text
 from ldm_train.callbacks.checkpoint import AtomicCheckpointIO
 from ldm_train.checks import check_values
 from ldm_train.data.datamodule import WebDataModule
@@ -73,7 +74,7 @@ def wandb_run_id(run: RunDir, resuming: bool) -> str:
     # Every DDP process builds a logger, but only rank 0 starts the W&B run: the others must not
     # overwrite its id (the rank comes from the launcher's environment: RANK, LOCAL_RANK, SLURM_PROCID).
     if rank_zero_only.rank == 0:
-        id_file.write_text(run_id)
+        write_text(id_file, run_id)
     return run_id
 
 
@@ -168,7 +169,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"), cfg.stage.name)
         if ckpt_path is not None:
             run.check_same_run(cfg, cfg.resume)
-        OmegaConf.save(cfg, run.config, resolve=True)
+        write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))  # beside, then renamed
         return fit(cfg, run, ckpt_path)
 
 
