@@ -24,10 +24,7 @@ the K-th, for N processes (or machines) sharing the work.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +35,9 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
-from ldm_train import quiet
+from ldm_train import cli
+from ldm_train.atomic import claim_folder, write_json, written_beside
+from ldm_train.checks import check_values
 from ldm_train.config import check_overrides, compose_config
 from ldm_train.data.bucket_batches import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
@@ -107,11 +106,10 @@ def cache_shard(
     transform = image_transform(data_cfg, train=False)  # resize + centre crop (buckets'), no flip
     decoded = (
         sample
-        for raw in read_pass([url], 0, 1, stats)
-        if (sample := decode_sample(raw, data_cfg, transform, stats)) is not None
+        for raw in read_pass([url], 0, 1, stats, option="data.train_urls")
+        if safe_key(raw, stats) and (sample := decode_sample(raw, data_cfg, transform, stats))
     )
-    partial = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
-    with wds.TarWriter(str(partial)) as sink:
+    with written_beside(out_file) as partial, wds.TarWriter(str(partial)) as sink:
         for samples in batched(decoded, batch_size):
             encoded = encode_by_shape(samples, vae, text_encoder, data_cfg.random_flip, device)
             for sample, arrays in zip(samples, encoded, strict=True):
@@ -120,8 +118,18 @@ def cache_shard(
                     record["json"] = sample["meta"]
                 record.update({name: value.astype(dtype) for name, value in arrays.items()})
                 sink.write(record)
-    partial.replace(out_file)
     return stats
+
+
+def safe_key(raw: dict, stats: StreamStats) -> bool:
+    """A sample key becomes member names in the cache shard: one that would land outside the
+    folder it is extracted in (absolute, or with a '..' part) is skipped and counted."""
+    key = str(raw.get("__key__", ""))
+    parts = key.replace("\\", "/").split("/")
+    if not parts[0] or ".." in parts or parts[0][1:2] == ":":  # absolute, up, a drive
+        stats.skip("unsafe member name", f"{raw.get('__url__', '?')}:{key}")
+        return False
+    return True
 
 
 def cache_latents(
@@ -138,6 +146,7 @@ def cache_latents(
         raise UserError(f"--dtype {dtype} is not valid; choose one of: {', '.join(DTYPES)}")
     if cfg.stage.name != "unet":
         raise UserError("cache_latents reads stage=unet's config (stage.vae, stage.text_encoder)")
+    check_values(cfg)  # the config's types and ranges, as a training run checks them
     out_dir = Path(out_dir or Path(cfg.paths.output_root) / cfg.experiment_name / "latents")
     datamodule = WebDataModule.from_config(cfg.data)
     loader = datamodule.loader
@@ -151,7 +160,7 @@ def cache_latents(
     datamodule.prepare_data()  # makes the embedded dataset if it is missing
     urls = datamodule.train_urls
     check_shards_exist(urls, "data.train_urls")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir, "latent cache", "--out", known=(INFO_FILE,))
     encode = (vae, text_encoder, batch_size or loader.batch_size, DTYPES[dtype], torch_device)
     counts, totals = cache_shards(urls, out_dir, part, loader, encode)
     info = {
@@ -169,7 +178,7 @@ def cache_latents(
         "samples_written": totals.ok,
         "skipped": dict(totals.skipped),
     }
-    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+    write_json(out_dir / INFO_FILE, info)
     return info
 
 
@@ -225,34 +234,34 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm_train.cache_latents",
-        description="Encode the training shards with the frozen VAE and text encoder of stage=unet.",
+    parser = cli.Parser(
+        "python -m ldm_train.cache_latents",
+        "Encode the training shards with the frozen VAE and text encoder of stage=unet.",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m ldm_train")
     parser.add_argument("--out", help="output folder (default: outputs/<experiment>/latents)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--batch-size", type=int, help="images per encoder call (data.batch_size)")
-    parser.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    parser.add_argument(
+        "--batch-size", type=cli.typed(cli.BATCH), help="images per encoder call (data.batch_size)"
+    )
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--part", default="0/1", help="K/N: cache every N-th shard from the K-th")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
-    try:
+
+    def run() -> int:
+        part = parse_part(args.part)
         check_overrides(["stage=unet", *args.overrides])  # unknown keys: one line, closest named
         cfg = compose_config(["stage=unet", *args.overrides])
-        info = cache_latents(
-            cfg, args.out, args.dtype, args.batch_size, args.device, parse_part(args.part)
+        device = cli.device(args.device)
+        info = cache_latents(cfg, args.out, args.dtype, args.batch_size, device, part)
+        print(
+            f"cached {info['samples_written']} samples into {info['shards_written']} shards "
+            f"({info['shards_kept']} already there); train from them with:\n"
+            f"  python -m ldm_train stage=unet \"data.train_urls='{info['train_urls']}'\""
         )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"cached {info['samples_written']} samples into {info['shards_written']} shards "
-        f"({info['shards_kept']} already there); train from them with:\n"
-        f"  python -m ldm_train stage=unet \"data.train_urls='{info['train_urls']}'\""
-    )
-    return 0
+        return 0
+
+    return cli.run("ldm_train.cache_latents", run)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 names the key, the value and what would work, instead of a hang (data.batch_size=0 never fills a
 batch) or a traceback from deep inside a library.
 
-check_values(cfg) is the one entry point (train.validate calls it); unknown keys and choices are
-checked elsewhere (config.check_overrides before Hydra composes, train.validate for choices).
+check_values(cfg) is the one entry point (train.validate calls it): the types and ranges of every
+key (ldm_train.schema's table), then what depends on several keys or on the machine (here).
+Unknown keys and choices are checked elsewhere (config.check_overrides before Hydra composes,
+train.validate for choices).
 """
 
 from __future__ import annotations
@@ -12,36 +14,55 @@ import os
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm_train.data.bucket_sizes import data_bucket_sizes
 from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import check_training_sizes, downsampling_factor, folder_factor
+from ldm_train.rules import is_number
+from ldm_train.schema import check_config
+
+RESNET_REDUCTION = 32  # open_clip's ModifiedResNet: the attention pool's grid is image_size / 32
 
 
 def check_values(cfg: DictConfig) -> None:
-    data = cfg.data
-    check_int("data.batch_size", data.batch_size, at_least=1)
-    if data.get("val_batch_size") is not None:
-        check_int("data.val_batch_size", data.val_batch_size, at_least=1)
-    check_int("data.image_size", data.image_size, at_least=1)
-    check_int("data.num_workers", data.num_workers, at_least=0)
-    check_int("trainer.max_steps", cfg.trainer.get("max_steps", -1), at_least=-1, hint="-1: none")
+    check_config(cfg)
     check_image_size(cfg)
-    lr = cfg.get("model", {}).get("lr")
-    if lr is not None and (not is_number(lr) or lr <= 0):
-        raise UserError(f"model.lr={lr!r} must be a number > 0 (e.g. model.lr=1e-4)")
+    check_clip_size(cfg)
+    check_schedule(cfg)
     check_devices(cfg.trainer)
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def check_schedule(cfg: DictConfig) -> None:
+    """diffusers' polynomial schedule divides by (training - warmup) steps once the warmup ends:
+    equal counts stop the run at its last step. (The other options of a schedule are read only
+    after the warmup: the table checks their types up front.)"""
+    schedule = cfg.get("lr_scheduler") or {}
+    warmup, steps = schedule.get("warmup_steps"), schedule.get("training_steps")
+    if schedule.get("name") == "polynomial" and warmup == steps and isinstance(steps, int):
+        raise UserError(
+            f"lr_scheduler.warmup_steps={warmup} equals trainer.max_steps: lr_scheduler="
+            "polynomial decays after its warmup and needs steps left to decay over (lower "
+            "model.warmup_steps)"
+        )
 
 
-def check_int(key: str, value: Any, at_least: int, hint: str = "") -> None:
-    if not is_number(value) or not float(value).is_integer() or value < at_least:
-        note = f"; {hint}" if hint else ""
-        raise UserError(f"{key}={value!r} must be an integer >= {at_least}{note}")
+def check_clip_size(cfg: DictConfig) -> None:
+    """The image tower's size must divide into its grid: by the patch size (ViT) or by 32
+    (ModifiedResNet, layers given as a list)."""
+    net = OmegaConf.select(cfg, "stage.module.net")  # the stage's clip_net: a preset's card
+    if cfg.stage.name != "clip" or not isinstance(net, DictConfig) or net.get("pretrained"):
+        return
+    vision = OmegaConf.select(net, "net.vision_cfg") or {}
+    size = vision.get("image_size")
+    layers = vision.get("layers")
+    step = RESNET_REDUCTION if isinstance(layers, list | ListConfig) else vision.get("patch_size")
+    if isinstance(size, int) and isinstance(step, int) and step > 0 and size % step:
+        fits = max(step, round(size / step) * step)
+        raise UserError(
+            f"data.image_size={size} does not divide into the CLIP image tower's grid of {step} "
+            f"px cells (model.net.vision_cfg): use e.g. data.image_size={fits}"
+        )
 
 
 def check_image_size(cfg: DictConfig) -> None:

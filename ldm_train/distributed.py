@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from ldm_train.atomic import write_folder
 from ldm_train.errors import UserError
 
 try:  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from torch 2.6
@@ -102,14 +103,18 @@ def export_stage(
     (trainer.strategy.model); rebuild: a fresh module of the same stage, for rank 0 to load the
     gathered weights into when they are sharded."""
     model = module if model is None else model
+    # A fresh folder beside out_dir, moved into place whole (ldm_train.atomic): a run's export/
+    # is the run directory's own, replaced by each export.
     if not is_sharded(model):
-        return from_rank_zero(lambda: module.export(out_dir))
+        return from_rank_zero(
+            lambda: write_folder(out_dir, module.export, "export", ours=True, may_skip=True)
+        )
     state = full_state_dict(model)  # on every rank
 
     def export_whole() -> Path | None:
         whole = rebuild()
         whole.load_state_dict(state)
-        return whole.export(out_dir)
+        return write_folder(out_dir, whole.export, "export", ours=True, may_skip=True)
 
     return from_rank_zero(export_whole)
 

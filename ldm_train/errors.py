@@ -3,8 +3,9 @@ helpers that phrase the common ones (a bad choice, an unknown key)."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class UserError(Exception):
@@ -31,3 +32,21 @@ def check_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None
             raise UserError(
                 f"unknown option {prefix}{key}{hint}; valid options: {', '.join(valid)}"
             )
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first line (its type's name when it has no text), for a one-line message."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+@contextlib.contextmanager
+def reading(what: object, hint: str = "") -> Iterator[None]:
+    """Any error while loading `what` (a file or folder that may be broken: truncated, half
+    written, pickled, of another kind) as one line; a UserError passes as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the file's fault, whatever the library raises
+        raise UserError(f"cannot load {what}: {first_line(error)}{hint}") from None

@@ -1,6 +1,6 @@
 """python -m ldm_train.evaluate EXPORT_OR_CHECKPOINT [key=value ...] [--prompts-file F]
-    [--val-urls URLS] [--n 4] [--steps S] [--clip DIR] [--features clip|inception]
-    [--inception-weights F] [--out DIR]
+    [--val-urls URLS] [--n 4] [--sampler S] [--steps S] [--guidance G] [--seed N]
+    [--batch-size B] [--clip DIR] [--features clip|inception] [--inception-weights F] [--out DIR]
 
 Measures what a U-Net generates, so checkpoints and sweep jobs compare by their samples: generates
 --n images per prompt and writes metrics.json (and the images) to --out:
@@ -15,6 +15,8 @@ The target is a unet export folder (its run's config.yaml is read from the folde
 there), a unet run directory (checkpoints/last.ckpt) or a .ckpt file (exported to a temporary
 folder first). key=value overrides apply to that config: data.val_urls=..., data.prompts=null (then
 the first --max-prompts captions of the validation shards are the prompts), data.zero_shot=null.
+The run's config is a file: its data.val_urls may name only local files (a pipe: or http URL is
+refused; give it yourself with --val-urls). A sampling option not given is the export's.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ldm_train import quiet
+from ldm_train import cli
+from ldm_train.atomic import check_ours, write_folder
 from ldm_train.diffusion.pipeline import INDEX, Pipeline, pipeline_part
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.errors import UserError
@@ -47,28 +50,52 @@ from ldm_train.metrics.reference import (
     read_validation,
 )
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
+from ldm_train.rules import Int
 from ldm_train.rundir import RunDir
+from ldm_train.safety import check_local_urls
+from ldm_train.schema import check_config
 
 log = logging.getLogger("ldm_train.evaluate")
+KNOWN = ("metrics.json",)  # what marked evaluate's output before the marker file
 
 
-def open_target(target: Path, scratch: Path) -> tuple[Path, DictConfig]:
-    """(export folder, the run's config or an empty one) for an export, run dir or checkpoint."""
+def open_target(target: Path, scratch: Path, typed: set[str]) -> tuple[Path, DictConfig]:
+    """(export folder, the run's config or an empty one) for an export, run dir or checkpoint.
+    The run's config is a file: read as data (run_data); typed: the keys the user gives."""
     if (target / INDEX).is_file():
-        config = RunDir(target.parent).config  # an export in its run directory
-        return target, OmegaConf.load(config) if config.is_file() else OmegaConf.create({})
+        run = RunDir(target.parent)  # an export in its run directory
+        return target, run_data(run, typed) if run.config.is_file() else OmegaConf.create({})
     if target.is_dir() and not RunDir(target).checkpoints.is_dir():
         raise UserError(
             f"{target} is neither a unet export (no {INDEX}) nor a run directory (no "
             "checkpoints/): pass outputs/<experiment>/unet/export, the run dir or a .ckpt file"
         )
     checkpoint = find_checkpoint(target)
-    config_file = RunDir.of_checkpoint(checkpoint).config
-    cfg = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create({})
+    run = RunDir.of_checkpoint(checkpoint)
+    cfg = run_data(run, typed) if run.config.is_file() else OmegaConf.create({})
     stage = OmegaConf.select(cfg, "stage.name")
     if stage is not None and stage != "unet":
         raise UserError(f"{checkpoint} is a stage={stage} checkpoint; evaluate needs a unet run")
     return export_checkpoint(checkpoint, scratch / "export"), cfg
+
+
+def run_data(run: RunDir, typed: set[str]) -> DictConfig:
+    """A run's saved config, checked as data (RunDir.read_config, the schema); its
+    data.val_urls, unless the user gives them, may name only local files (a pipe: URL from a
+    file would run its shell command: ldm_train.safety.check_local_urls)."""
+    cfg = run.read_config()
+    try:
+        check_config(cfg)
+    except UserError as error:
+        raise UserError(f"{run.config}: {error}") from None
+    urls = OmegaConf.select(cfg, "data.val_urls")
+    if urls and "data.val_urls" not in typed:
+        check_local_urls(
+            OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls,
+            "data.val_urls",
+            run.config,
+        )
+    return cfg
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str], val_urls: str | None) -> DictConfig:
@@ -129,13 +156,13 @@ def generate_measured(
 
 
 def read_inputs(
-    args: argparse.Namespace, cfg: DictConfig, pipeline: Pipeline
+    args: argparse.Namespace, cfg: DictConfig, pipeline: Pipeline, batch_size: int
 ) -> tuple[dict, ValidationSet | None, list[str], list[dict]]:
     """(data config, validation set or None, prompts, their labels)."""
     data = OmegaConf.to_container(cfg.get("data") or OmegaConf.create({}), resolve=True)
     validation = None
     if data.get("val_urls"):
-        loader = loader_options(data, pipeline.image_size, args.batch_size)
+        loader = loader_options(data, pipeline.image_size, batch_size)
         limit = max(args.max_reference, args.max_prompts)
         validation = read_validation(data["val_urls"], loader, limit)
     if args.prompts_file:
@@ -151,12 +178,17 @@ def read_inputs(
     return data, validation, prompts, labels
 
 
-def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
-    """Generate, measure, save the images; returns metrics.json's content."""
-    export_dir, cfg = open_target(Path(args.target), scratch)
+def evaluate(args: argparse.Namespace, scratch: Path) -> tuple[dict, Callable[[Path], None]]:
+    """Generate and measure; returns (metrics.json's content, what writes the output folder)."""
+    typed = {o.split("=")[0].lstrip("+~") for o in args.overrides}
+    typed |= {"data.val_urls"} if args.val_urls else set()
+    export_dir, cfg = open_target(Path(args.target), scratch, typed)
     cfg = apply_overrides(cfg, args.overrides, args.val_urls)
-    pipeline = Pipeline.load(export_dir, args.device)
-    data, validation, prompts, labels = read_inputs(args, cfg, pipeline)
+    check_config(cfg)  # the user's overrides too: one line naming the key
+    device = cli.device(args.device)
+    pipeline = Pipeline.load(export_dir, device)
+    options = cli.sampling_options(args, pipeline.sampling)
+    data, validation, prompts, labels = read_inputs(args, cfg, pipeline, options.batch_size)
     clip_dir = clip_folder(args.clip, export_dir, cfg)
     features = args.features if validation is not None else None
     if features is None:
@@ -166,20 +198,12 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
         features,
         args.inception_weights,
         zero_shot=data.get("zero_shot") if any(labels) else None,
-        batch_size=args.batch_size,
-    ).to(args.device)
+        batch_size=options.batch_size,
+    ).to(device)
     reference = validation.images[: args.max_reference] if validation is not None else []
     if len(reference):
-        metrics.add_reference(reference.to(args.device))
-    options = replace(
-        pipeline.sampling,
-        steps=pipeline.sampling.steps if args.steps is None else args.steps,
-        guidance=pipeline.sampling.guidance if args.guidance is None else args.guidance,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    images = generate_measured(pipeline, prompts, labels, args.n, options, metrics, args.device)
-    save_images(images, prompts, args.n, options.seed, Path(args.out) / "samples")
+        metrics.add_reference(reference.to(device))
+    images = generate_measured(pipeline, prompts, labels, args.n, options, metrics, device)
     settings = {
         "target": str(args.target),
         "n_images": len(images),
@@ -189,53 +213,46 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> dict:
         "clip": str(clip_dir) if clip_dir else None,
         "sampling": asdict(options),
     }
-    return {**{k: float(v) for k, v in metrics.compute().items()}, "settings": settings}
+    results = {**{k: float(v) for k, v in metrics.compute().items()}, "settings": settings}
+
+    def write(folder: Path) -> None:
+        save_images(images, prompts, args.n, options.seed, folder / "samples")
+        (folder / "metrics.json").write_text(json.dumps(results, indent=2))
+
+    return results, write
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm_train.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.Parser("python -m ldm_train.evaluate", __doc__)
     parser.add_argument("target", help="a unet export folder, unet run directory or .ckpt file")
     parser.add_argument("overrides", nargs="*", help="key=value on the run's config (data.*)")
-    parser.add_argument("--prompts-file", help="one prompt per line (default: data.prompts)")
+    cli.add_image_options(parser)
+    cli.add_sampling_options(parser)
     parser.add_argument("--val-urls", help="reference shards (default: data.val_urls)")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the export's)")
-    parser.add_argument("--guidance", type=float, help="guidance scale (default: the export's)")
-    parser.add_argument("--seed", type=int, default=0, help="image j starts from seed + j")
     parser.add_argument("--clip", help="CLIP folder (default: the run's stage.text_encoder)")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="clip", help="for FD/KID")
     parser.add_argument("--inception-weights", help="Inception-v3 FID weights file")
-    parser.add_argument("--max-reference", type=int, default=1000, help="validation images used")
-    parser.add_argument("--max-prompts", type=int, default=64, help="validation captions used")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    count = cli.typed(Int(1, 1_000_000))
+    parser.add_argument("--max-reference", type=count, default=1000, help="validation images")
+    parser.add_argument("--max-prompts", type=count, default=64, help="validation captions used")
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
-    try:
-        for option in ("n", "max_reference", "max_prompts", "batch_size"):
-            if getattr(args, option) < 1:
-                raise UserError(f"--{option.replace('_', '-')} must be at least 1")
+
+    def run() -> int:
+        out = Path(args.out)
+        check_ours(out, "--out", KNOWN)  # before the work, not after it
         with tempfile.TemporaryDirectory() as scratch:
-            results = evaluate(args, Path(scratch))
-    except UserError as error:
-        print(f"ldm_train.evaluate: error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    figures = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "settings")
-    print(f"{figures}; wrote {out / 'metrics.json'}")
-    return 0
+            results, write = evaluate(args, Path(scratch))
+        write_folder(out, write, "evaluation", "--out", KNOWN)
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "settings")
+        print(f"{figures}; wrote {out / 'metrics.json'}")
+        return 0
+
+    return cli.run("ldm_train.evaluate", run)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,29 @@
 """python -m ldm_train.export RUN_DIR|CHECKPOINT [--out DIR]: export a stage from any checkpoint.
 
-Rebuilds the stage from the resolved config.yaml its run saved, loads the checkpoint's weights and
-calls the stage's export (what train() does at the end of a run).
+Rebuilds the stage from the resolved config.yaml its run saved, through the registry of the parts a
+stage is built from (ldm_train.safety: a run folder is a file anyone can hand you, and its config
+names only parts, by name, with plain values), loads the checkpoint's weights and calls the
+stage's export (what train() does at the end of a run). The folder is written beside DIR and moved
+into place: an earlier export there is replaced, a folder of other files is refused.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from ldm_train import quiet
-from ldm_train.errors import UserError
+from ldm_train import cli
+from ldm_train.atomic import write_folder
+from ldm_train.checkpoints import checkpoint_stage, load_checkpoint
+from ldm_train.errors import UserError, first_line
 from ldm_train.rundir import RunDir
-from ldm_train.safety import check_targets, load_checkpoint
+from ldm_train.safety import Trusted, rebuild
+from ldm_train.schema import check_config
 
-log = logging.getLogger("ldm_train.export")
+STAGES = ("clip", "vae", "unet")
 
 
 def find_checkpoint(target: Path) -> Path:
@@ -35,49 +38,78 @@ def find_checkpoint(target: Path) -> Path:
     return target
 
 
+def run_stage(run: RunDir) -> tuple[DictConfig, str]:
+    """(the run's saved config, checked as data, and its stage's name)."""
+    cfg = run.read_config()
+    stage = cfg.get("stage")
+    name = stage.get("name") if isinstance(stage, DictConfig) else None
+    if name not in STAGES or not isinstance(stage.get("module"), DictConfig):
+        raise UserError(
+            f"{run.config}: stage.name={name!r} with a stage.module is not a run of one of the "
+            f"stages {', '.join(STAGES)}; point at the run directory of one"
+        )
+    try:
+        check_config(cfg)
+    except UserError as error:
+        raise UserError(f"{run.config}: {error}") from None
+    return cfg, name
+
+
 def export_checkpoint(
-    target: str | Path, out_dir: str | Path | None = None, allow: Sequence[str] = ()
+    target: str | Path, out_dir: str | Path | None = None, trusted: Trusted | None = None
 ) -> Path:
-    """Export the stage saved in `target`; returns the export folder. allow: `_target_` names (or
-    "package." prefixes) of the run's config to trust beyond ldm_train.safety's rules."""
+    """Export the stage saved in `target`; returns the export folder. trusted: `_target_` names of
+    the run's config to build beyond the registry (from the command line: --allow-target)."""
     ckpt = find_checkpoint(Path(target))
     run = RunDir.of_checkpoint(ckpt)
-    if not run.config.is_file():
-        raise UserError(
-            f"no {run.config.name} at {run.config}: the checkpoint must sit in a run's "
-            f"{run.checkpoints.name}/ folder, beside the config that trained it"
-        )
-    cfg = OmegaConf.load(run.config)
-    # A run folder is a file anyone can send: its config builds only what a stage is built from.
-    check_targets(cfg.stage.module, run.config, allow, prefix="stage.module")
+    cfg, stage = run_stage(run)
     state = load_checkpoint(ckpt)
-    module = instantiate(cfg.stage.module)
-    module.load_state_dict(state["state_dict"])
-    exported = module.export(Path(out_dir) if out_dir else run.export)
+    found = checkpoint_stage(state)
+    if found is not None and found != stage:
+        raise UserError(
+            f"{ckpt} is a stage={found} checkpoint, but {run.config} is a stage={stage} run: "
+            "pass the checkpoint of that run"
+        )
+    module = rebuild(cfg.stage.module, run.config, "stage.module", trusted)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{ckpt}: its weights do not fit the stage {run.config} describes ({first_line(error)})"
+        ) from None
+    out = Path(out_dir) if out_dir else run.export
+    exported = write_folder(
+        out,
+        module.export,
+        f"{stage} export",
+        "--out",
+        ours=out.resolve() == run.export.resolve(),
+        may_skip=True,
+    )
     if exported is None:
-        raise UserError(f"stage {cfg.stage.name} has nothing to export")
+        raise UserError(f"stage {stage} has nothing to export")
     return exported
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm_train.export", description=__doc__)
+    parser = cli.Parser("python -m ldm_train.export", __doc__)
     parser.add_argument("target", help="a run directory (uses its last checkpoint) or a .ckpt file")
     parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
     parser.add_argument(
         "--allow-target",
         action="append",
         default=[],
-        help="trust this _target_ of the run's config (a name, or a prefix ending in '.')",
+        help="build this _target_ of the run's config too (a name, or a prefix ending in '.'): "
+        "only for a run folder you trust",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
-    try:
-        print(f"exported to {export_checkpoint(args.target, args.out, args.allow_target)}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    def export() -> int:
+        trusted = Trusted(tuple(args.allow_target))
+        print(f"exported to {export_checkpoint(args.target, args.out, trusted)}")
+        return 0
+
+    return cli.run("ldm_train.export", export)
 
 
 if __name__ == "__main__":

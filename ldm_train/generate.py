@@ -1,31 +1,33 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
-    [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp]
-    [--width W --height H] --out DIR
+    [--n 4] [--sampler ddim|euler|dpmpp] [--steps S] [--guidance G] [--seed N] [--batch-size B]
+    [--width W --height H] [--device D] [--out DIR]
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
 diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
 DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in images.json) and grid.png (a row
 per prompt). Image j of every prompt starts from the noise of seed + j: the same seed gives the same
-images.
+images. A sampling option not given is the export's (the sampling it recorded, its image size).
+DIR is written whole (a fresh folder beside it, moved into place): an earlier output of generate
+there is replaced, a folder of other files is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ldm_train import quiet
+from ldm_train import cli
+from ldm_train.atomic import check_ours, write_folder
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
 
 log = logging.getLogger("ldm_train.generate")
+KNOWN = ("images.json",)  # what marked generate's output before the marker file
 
 
 def save_images(
@@ -41,57 +43,52 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
         path = Path(prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path} does not exist")
-        found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"--prompts-file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+            ) from None
+        found += [line.strip() for line in text.splitlines() if line.strip()]
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm_train.generate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def parse_args(argv: Sequence[str] | None):
+    parser = cli.Parser("python -m ldm_train.generate", __doc__)
     parser.add_argument("export_dir", help="the folder stage=unet exports (.../unet/export)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
-    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="image j starts from seed + j")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="guidance scale; 1: none")
-    parser.add_argument("--sampler", choices=["ddim", "euler", "dpmpp"], default="ddim")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--width", type=int, help="pixels (default: the export's image size)")
-    parser.add_argument("--height", type=int, help="pixels (default: the export's image size)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_image_options(parser, sizes=True)
+    cli.add_sampling_options(parser)
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
-    try:
-        if args.n < 1:
-            raise UserError(f"--n {args.n}: need at least 1 image per prompt")
-        pipeline = Pipeline.load(args.export_dir, args.device)
-        prompts = read_prompts(args.prompt, args.prompts_file)
-        if not prompts:
-            if pipeline.text_encoder is not None:
-                raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
-            prompts = [""]  # an unconditional model
-        options = replace(
-            pipeline.sampling,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-        size = (args.width or pipeline.image_size, args.height or pipeline.image_size)
-        images = pipeline.generate(prompts, args.n, options, size=size)
-        paths = save_images(images, prompts, args.n, args.seed, args.out)
-    except UserError as error:
-        print(f"ldm_train.generate: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(paths)} images and grid.png to {args.out}")
+    return parser.parse_args(argv)
+
+
+def generate(args) -> int:
+    out = Path(args.out)
+    check_ours(out, "--out", KNOWN)  # before the work, not after it
+    pipeline = Pipeline.load(args.export_dir, cli.device(args.device))
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    if not prompts:
+        if pipeline.text_encoder is not None:
+            raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        prompts = [""]  # an unconditional model
+    options = cli.sampling_options(args, pipeline.sampling)
+    size = [pipeline.image_size if side is None else side for side in (args.width, args.height)]
+    images = pipeline.generate(prompts, args.n, options, size=size)
+    write_folder(
+        out,
+        lambda folder: save_images(images, prompts, args.n, options.seed, folder),
+        "generated images",
+        "--out",
+        KNOWN,
+    )
+    print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run("ldm_train.generate", lambda: generate(args))
 
 
 if __name__ == "__main__":

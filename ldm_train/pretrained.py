@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from ldm_train.diffusion.pipeline import pipeline_part
 from ldm_train.diffusion.text_encoder import parse_named
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, reading
 from ldm_train.formats.clip_model import (
     check_weights_fit,
     is_clip_folder,
@@ -41,6 +41,7 @@ from ldm_train.formats.clip_model import (
     load_named_clip,
     read_weights,
 )
+from ldm_train.safety import check_safetensors
 from ldm_train.train import build
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SOURCE = "pretrained_from"  # the attribute that marks a net as loaded here: where from
 FROM_DISK: dict[str, Any] = {
     "local_files_only": True,
+    "use_safetensors": True,  # a pickled .bin is never opened
     "torch_dtype": torch.float32,
     # diffusers' default without accelerate installed warns, then loads as with False.
     "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
@@ -86,17 +88,18 @@ def clip_net(
     if pretrained is None:
         return build(net)
     named = parse_named(str(pretrained))
-    if is_clip_folder(pretrained):
-        loaded = load_clip(pretrained)
-    elif named is not None:
-        loaded = load_named_clip(*named)
-    elif Path(pretrained).is_file():
-        return marked(preset_with_weights(net, Path(pretrained)), pretrained, PRESET)
-    else:
-        raise UserError(
-            f"model.pretrained={pretrained}: not a CLIP export or open_clip hub folder "
-            "(open_clip_config.json), nor NAME:FILE, nor a weights file; stage=clip takes those"
-        )
+    with reading(f"model.pretrained={pretrained}"):
+        if is_clip_folder(pretrained):
+            loaded = load_clip(pretrained)
+        elif named is not None:
+            loaded = load_named_clip(*named)
+        elif Path(pretrained).is_file():
+            return marked(preset_with_weights(net, Path(pretrained)), pretrained, PRESET)
+        else:
+            raise UserError(
+                f"model.pretrained={pretrained}: not a CLIP export or open_clip hub folder "
+                "(open_clip_config.json), nor NAME:FILE, nor a weights file; stage=clip takes those"
+            )
     if context_length is not None and loaded.model.context_length != context_length:
         raise UserError(
             f"model.pretrained={pretrained}: its text tower reads {loaded.model.context_length} "
@@ -126,7 +129,10 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
     if not config.is_file():
         found = "no config.json there" if path.exists() else "nothing there"
         raise UserError(f"model.pretrained={path}: {found} nor in {part}/; {accepted}")
-    fields = json.loads(config.read_text())
+    with reading(config):
+        fields = json.loads(config.read_text())
+    if not isinstance(fields, dict):
+        raise UserError(f"model.pretrained={path}: {config} is not a model config (a JSON object)")
     name = fields.get("_class_name") or fields.get("model_type") or "model of another kind"
     if name != cls.__name__:
         raise UserError(f"model.pretrained={path}: {config} is a {name}; {accepted}")
@@ -136,10 +142,9 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
 def read_model(cls: type, folder: Path) -> Any:
     """cls.from_pretrained(folder) from disk in float32; a folder without its weights file is a
     one-line error."""
-    try:
+    check_safetensors(folder, f"model.pretrained={folder}")
+    with reading(f"model.pretrained={folder}", " (diffusers' folder: config.json + weights)"):
         return cls.from_pretrained(folder, **FROM_DISK)
-    except OSError as error:  # diffusers: "Error no file named diffusion_pytorch_model.bin ..."
-        raise UserError(f"model.pretrained: {folder}: {str(error).splitlines()[0]}") from error
 
 
 def marked(net: torch.nn.Module, source: str | Path, architecture: str = OWN_CONFIG) -> Any:

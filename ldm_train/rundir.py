@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.errors import UserError
+from ldm_train.checkpoints import check_stage, unreadable
+from ldm_train.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +119,30 @@ class RunDir:
             )
         return self.last_checkpoint
 
-    def resume_checkpoint(self, resume: str, ckpt_path: str | None = None) -> str | None:
+    def resume_checkpoint(
+        self, resume: str, ckpt_path: str | None = None, stage: str | None = None
+    ) -> str | None:
         """The checkpoint to resume from: ckpt_path if given; else, with resume=auto, the newest of
         last.ckpt and Lightning's SLURM requeue checkpoints (hpc_ckpt_N.ckpt); resume=never moves
-        the earlier checkpoints aside (nothing is deleted) and starts afresh."""
+        the earlier checkpoints aside (nothing is deleted) and starts afresh. A checkpoint of
+        another stage than `stage` is refused in one line naming both."""
         if ckpt_path:
             if not Path(ckpt_path).is_file():
                 raise UserError(
                     f"ckpt_path={ckpt_path} does not exist; pick a .ckpt file (e.g. in "
                     f"{self.checkpoints}) or drop ckpt_path"
                 )
+            problem = unreadable(Path(ckpt_path), stage)
+            if problem is not None:
+                raise UserError(f"ckpt_path={ckpt_path}: {problem}; pick a checkpoint of this run")
             return str(ckpt_path)
         if resume == "never":
             if rank_zero_only.rank == 0:  # other ranks' processes start later: nothing to move
                 self.set_checkpoints_aside()
             return None
+        return self.newest_checkpoint(resume, stage)
+
+    def newest_checkpoint(self, resume: str, stage: str | None) -> str | None:
         candidates = [
             self.last_checkpoint,
             *self.path.glob("hpc_ckpt_*.ckpt"),
@@ -145,6 +154,8 @@ class RunDir:
         ):
             problem = unreadable(path)
             if problem is None:
+                if stage is not None:
+                    check_stage(path, stage)
                 also = f" (skipped {'; '.join(skipped)})" if skipped else ""
                 log.info("resume=%s: continuing from %s%s", resume, path, also)
                 return str(path)
@@ -181,6 +192,32 @@ class RunDir:
         finally:
             lock.unlink(missing_ok=True)
 
+    def read_config(self) -> DictConfig:
+        """The run's config.yaml as data, for commands handed a run folder: a one-line UserError
+        when it is missing, not YAML, not a mapping, or holds an interpolation (a saved config is
+        resolved; an interpolation in one was written by hand, and resolvers read the
+        environment and the disk)."""
+        if not self.config.is_file():
+            raise UserError(
+                f"no {CONFIG} at {self.config}: a checkpoint must sit in a run's {CHECKPOINTS}/ "
+                "folder, beside the config that trained it"
+            )
+        try:
+            cfg = OmegaConf.load(self.config)
+        except Exception as error:  # noqa: BLE001 - YAML's many errors: the file's, one line
+            raise UserError(
+                f"{self.config} is not a readable config: {first_line(error)}"
+            ) from None
+        if not isinstance(cfg, DictConfig):
+            raise UserError(f"{self.config} is not a config (a mapping of keys to values)")
+        interpolation = first_interpolation(OmegaConf.to_container(cfg, resolve=False))
+        if interpolation is not None:
+            raise UserError(
+                f"{self.config}: {interpolation[0]}={interpolation[1]!r} is an interpolation; "
+                "a saved config holds values only"
+            )
+        return cfg
+
     def check_same_run(self, cfg: DictConfig, resume: str) -> None:
         """A resumed run continues the run its config.yaml describes: changed settings are a
         different run, refused (listing them) unless resume=force."""
@@ -196,20 +233,6 @@ class RunDir:
                 "resume=force continues anyway, resume=never starts afresh, or pick another "
                 "experiment_name"
             )
-
-
-def unreadable(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (truncated, empty, not ours), or None. mmap reads
-    only the file's index and pickled structure, not its tensors."""
-    if path.stat().st_size == 0:
-        return "empty file"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any failure means: not this one
-        return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-    return (
-        None if isinstance(state, dict) and "global_step" in state else "not a training checkpoint"
-    )
 
 
 def take_over_if_stale(lock: Path, mine: dict) -> None:
@@ -240,6 +263,24 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # alive, another user's
     return True
+
+
+def first_interpolation(node: object, where: str = "") -> tuple[str, str] | None:
+    """(key, text) of the first string of a plain config that OmegaConf would resolve."""
+    if isinstance(node, str):
+        return (where, node) if "${" in node else None
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        found = first_interpolation(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, object]:

@@ -22,28 +22,36 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_train import quiet
+from ldm_train.atomic import write_text
+from ldm_train.callbacks.checkpoint import AtomicCheckpointIO
 from ldm_train.checks import check_values
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.distributed import export_stage
-from ldm_train.errors import UserError, check_choice, check_keys
-from ldm_train.rundir import RESUME_MODES, RunDir
+from ldm_train.errors import UserError, check_keys, first_line
+from ldm_train.rundir import RunDir
 
 log = logging.getLogger(__name__)
+EXTRAS = "pip install 'ldm_train[tensorboard]' / [bnb] / [slurm] / [metrics]"
 
 
 def build(spec: DictConfig, **kwargs: Any) -> Any:
-    """hydra's instantiate, but a UserError raised while building stays a one-line UserError."""
+    """hydra's instantiate, but a UserError raised while building stays a one-line UserError, and
+    a missing optional package (e.g. logger=tensorboard without the extra) is one too."""
     try:
         return instantiate(spec, **kwargs)
     except InstantiationException as error:
         if isinstance(error.__cause__, UserError):
             raise error.__cause__ from None
+        if isinstance(error.__cause__, ImportError):
+            raise UserError(
+                f"{spec.get('_target_')} needs a package that is not installed: "
+                f"{first_line(error.__cause__)} (the optional extras: {EXTRAS})"
+            ) from None
         raise
 
 
 def validate(cfg: DictConfig) -> None:
     """One-line errors for bad options, before anything is built."""
-    check_choice("resume", cfg.resume, RESUME_MODES)
     trainer_keys = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     check_keys("trainer", [k for k in cfg.trainer if k != "_target_"], trainer_keys)
     check_values(cfg)
@@ -66,7 +74,7 @@ def wandb_run_id(run: RunDir, resuming: bool) -> str:
     # Every DDP process builds a logger, but only rank 0 starts the W&B run: the others must not
     # overwrite its id (the rank comes from the launcher's environment: RANK, LOCAL_RANK, SLURM_PROCID).
     if rank_zero_only.rank == 0:
-        id_file.write_text(run_id)
+        write_text(id_file, run_id)
     return run_id
 
 
@@ -103,8 +111,8 @@ def build_logger(cfg: DictConfig, resuming: bool = False) -> Logger | None:
         names = {"group": cfg.experiment_name, **sweep_grouping(cfg)}
         if cfg.logger.get("group"):  # the user's own group wins
             names["group"] = cfg.logger.group
-        return instantiate(cfg.logger, offline=bool(offline), id=run_id, resume="allow", **names)
-    return instantiate(cfg.logger)
+        return build(cfg.logger, offline=bool(offline), id=run_id, resume="allow", **names)
+    return build(cfg.logger)
 
 
 def build_callback(spec: DictConfig, run: RunDir) -> L.Callback:
@@ -158,10 +166,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run = RunDir(cfg.paths.run_dir)
     # Rank 0 holds the run directory (the processes a launcher starts for other ranks join it).
     with run.lock() if rank_zero_only.rank == 0 else contextlib.nullcontext():
-        ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"))
+        ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"), cfg.stage.name)
         if ckpt_path is not None:
             run.check_same_run(cfg, cfg.resume)
-        OmegaConf.save(cfg, run.config, resolve=True)
+        write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))  # beside, then renamed
         return fit(cfg, run, ckpt_path)
 
 
@@ -176,6 +184,9 @@ def fit(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> tuple[dict, dict
         logger=logger if logger is not None else False,
         callbacks=build_callbacks(cfg, logger),
         default_root_dir=str(run.path),
+        # Checkpoints written beside their target and renamed (a full disk leaves the last one),
+        # unless the user's trainer.plugins say otherwise.
+        **({} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}),
     )
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

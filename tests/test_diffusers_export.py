@@ -113,7 +113,7 @@ def test_diffusers_samples_as_generate(trained, sampler, guidance):
 
 
 def test_guidance_below_one_is_refused_as_diffusers_ignores_it():
-    with pytest.raises(UserError, match=r"guidance=0.5; need a scale >= 1"):
+    with pytest.raises(UserError, match=r"guidance=0.5 must be a finite number from 1 to"):
         SamplingOptions(guidance=0.5)
 
 

@@ -120,7 +120,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run(make_cfg, monkeypatch):
 
 
 def test_bad_max_nonfinite_steps_is_one_line(make_cfg):
-    with pytest.raises(UserError, match=r"max_nonfinite_steps=0 must be a whole number >= 1"):
+    with pytest.raises(UserError, match=r"max_nonfinite_steps=0 must be an integer >= 1"):
         train(make_cfg("max_nonfinite_steps=0"))
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import ldm_train.diffusion.pipeline as pipeline_module
 from ldm_train.chain import stage_overrides
 from ldm_train.config import compose_config
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions
+from ldm_train.evaluate import main as evaluate_main
 from ldm_train.generate import main
 
 
@@ -58,6 +60,37 @@ def test_generate_cli_same_seed_same_pngs(trained, tmp_path):
         "width": 32,
         "height": 32,
     }
+
+
+def test_generate_draws_what_the_export_recorded_unless_told(trained, tmp_path, monkeypatch):
+    """An option not given is the export's: its recorded sampling and image size (issue 21)."""
+    export = shutil.copytree(trained[1], tmp_path / "export")
+    index_file = export / "ldm_train_pipeline.json"
+    recorded = {"sampler": "euler", "steps": 3, "guidance": 1.5, "seed": 7, "batch_size": 2}
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()), "sampling": recorded}))
+    drawn = []
+    real_sample = pipeline_module.sample
+
+    def spy(unet, config, prompts, seeds, shape, options, **parts):
+        drawn.append((options, tuple(shape), list(seeds)))
+        return real_sample(unet, config, prompts, seeds, shape, options, **parts)
+
+    monkeypatch.setattr(pipeline_module, "sample", spy)
+    base = [str(export), "--prompt", "a red circle", "--n", "2"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    assert drawn[-1] == (SamplingOptions(**recorded), (4, 8, 8), [7, 8])
+    listing = json.loads((tmp_path / "default" / "images.json").read_text())
+    assert [image["seed"] for image in listing] == [7, 8]
+    given = ["--sampler", "ddim", "--steps", "2", "--guidance", "3", "--width", "48"]
+    assert main([*base, *given, "--out", str(tmp_path / "given")]) == 0
+    options = SamplingOptions(sampler="ddim", steps=2, guidance=3.0, seed=7, batch_size=2)
+    assert drawn[-1] == (options, (4, 8, 12), [7, 8])  # what is not given stays the export's
+    # evaluate declares the same options (ldm_train.cli) with the same defaults.
+    quick = ["--n", "1", "--max-reference", "2", "--max-prompts", "1", "--features", "clip"]
+    assert evaluate_main([str(export), *quick, "--out", str(tmp_path / "evaluation")]) == 0
+    assert drawn[-1][0] == SamplingOptions(**recorded)
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["settings"]["sampling"] == recorded
 
 
 def test_generate_cli_errors_are_one_line(trained, tmp_path, capsys):

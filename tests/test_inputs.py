@@ -28,11 +28,11 @@ BAD_VALUES = {
     "data.batch_size=2.5": "data.batch_size=2.5 must be an integer >= 1",
     "data.batch_size=nan": "data.batch_size=nan must be an integer >= 1",
     "data.val_batch_size=0": "data.val_batch_size=0 must be an integer >= 1",
-    "data.image_size=0": "data.image_size=0 must be an integer >= 1",
+    "data.image_size=0": "data.image_size=0 must be an integer from 1 to 16384",
     "data.num_workers=-1": "data.num_workers=-1 must be an integer >= 0",
     "trainer.max_steps=abc": "trainer.max_steps='abc' must be an integer >= -1; -1: none",
-    "model.lr=-1": "model.lr=-1 must be a number > 0",
-    "model.lr=0": "model.lr=0 must be a number > 0",
+    "model.lr=-1": "model.lr=-1 must be a finite number > 0",
+    "model.lr=0": "model.lr=0 must be a finite number > 0",
     "stage=vae data.image_size=30": (
         "data.image_size=30 is not a multiple of 4, the downsampling factor of the VAE preset "
         "(tiny): use e.g. data.image_size=32"

@@ -204,7 +204,22 @@ BAD_SAMPLES = {
     "no image": {"txt": b"a caption"},
     # json.loads raises RecursionError (not a ValueError) on nesting this deep.
     "json nested too deep": {"png": png(), "txt": b"x", "json": b"[" * 100_000 + b"]" * 100_000},
+    # Its resize to 32 px would hold 614 M pixels (about 3 GB as the loader handles them).
+    "too many pixels": {"png": png((1, 600_000), (0, 0, 0)), "txt": b"a strip"},
 }
+
+
+@pytest.mark.parametrize("buckets", [None, [[32, 32], [64, 16]]])
+def test_an_image_of_too_many_pixels_is_skipped_before_it_is_resized(buckets, monkeypatch):
+    cfg = loader_cfg(buckets=buckets, bucket_step=16)
+    stats = samples.StreamStats()
+    resized = []
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: resized.append(a) or None)
+    for size in [(1, 600_000), (40_000, 1)]:
+        sample = {"__key__": "strip", "png": png(size, (0, 0, 0)), "txt": b"a strip"}
+        transform = samples.image_transform(cfg, train=False)
+        assert samples.decode_sample(sample, cfg, transform, stats) is None
+    assert stats.skipped == {"too many pixels": 2} and not resized
 
 
 @pytest.mark.parametrize("kind", BAD_SAMPLES)

@@ -160,7 +160,7 @@ def test_wrong_kinds_and_misfits_are_one_line_errors(tiny_sd, make_cfg, tmp_path
         ("unet", tmp_path / "missing", "nothing there nor in unet/"),
         ("vae", sd / "text_encoder", "is a clip_text_model; stage=vae takes"),
         ("clip", tmp_path / "missing", "not a CLIP export"),
-        ("vae", tmp_path / "config_only", "no file named diffusion_pytorch_model"),
+        ("vae", tmp_path / "config_only", "no safetensors weights in"),
     ]:
         overrides = [f"stage.vae={sd}", f"stage.text_encoder={sd}"] if stage == "unet" else []
         cfg = make_cfg(f"stage={stage}", *overrides, f"model.pretrained={source}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from omegaconf import OmegaConf
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.text_encoder import load_text_encoder
 from ldm_train.errors import UserError
+from ldm_train.evaluate import main as evaluate_main
 from ldm_train.export import export_checkpoint
+from ldm_train.export import main as export_main
 from ldm_train.formats.clip_model import CONFIG_FILE
 from ldm_train.formats.transformers_clip import (
     clip_tokenizer,
@@ -23,7 +26,7 @@ from ldm_train.formats.transformers_clip import (
     to_clip_text_model,
 )
 from ldm_train.rundir import RunDir
-from ldm_train.safety import check_targets
+from ldm_train.safety import Trusted, check_node, rebuild
 
 
 class Payload:
@@ -87,15 +90,107 @@ def test_a_target_that_runs_code_in_a_run_config_is_refused(vae_run, tmp_path):
         error.value
     )
     assert not marker.exists()
-    # A module from the current directory is never even imported; builtins and os are refused.
-    for name in ("evil.run", "os.system", "builtins.eval", "subprocess.run", "torch.hub.load"):
-        with pytest.raises(UserError):
-            check_targets({"x": {"_target_": name}}, "config.yaml")
-    with pytest.raises(UserError, match="'evil.fn'"):  # get_method's path is a target too
-        check_targets({"_target_": "hydra.utils.get_method", "path": "evil.fn"}, "config.yaml")
-    # The config's own targets pass, and a user can trust a name explicitly.
-    check_targets(OmegaConf.load(vae_run.config), vae_run.config)
-    check_targets({"_target_": "evil.fn"}, "config.yaml", allow=["evil."])
+    # A module from the current directory is never even imported; builtins, os and our own
+    # functions that are no part of a stage are refused.
+    for name in (
+        "evil.run",
+        "os.system",
+        "builtins.eval",
+        "subprocess.run",
+        "torch.hub.load",
+        "torchmetrics.image.fid.FrechetInceptionDistance",  # a library class that reads a file
+        "ldm_train.metrics.reference.read_validation",
+        "ldm_train.export.export_checkpoint",
+        "hydra.utils.get_method",
+    ):
+        with pytest.raises(UserError, match="not one of the parts a stage is built from"):
+            check_node({"x": {"_target_": name}}, "<root>", "config.yaml", Trusted())
+    # The config's own parts pass (each replaced by the registered callable), and the user can
+    # trust a name on the command line.
+    module = OmegaConf.to_container(OmegaConf.load(vae_run.config).stage.module, resolve=True)
+    assert callable(check_node(module, "stage.module", "config.yaml", Trusted())["_target_"])
+    trusted = Trusted(("collections.",))
+    check_node({"_target_": "collections.OrderedDict"}, "<root>", "config.yaml", trusted)
+
+
+def test_a_registered_part_takes_only_its_own_fields_and_plain_values():
+    vae = {"_target_": "ldm_train.diffusion.frozen.load_vae", "path": None}
+    check_node(vae, "x", "config.yaml", Trusted())
+    for bad, message in [
+        (
+            {**vae, "shell": "x"},
+            "x.shell is not a parameter of ldm_train.diffusion.frozen.load_vae",
+        ),
+        ({**vae, "path": "pipe:touch /tmp/x"}, "x.path='pipe:touch /tmp/x' is a pipe: URL"),
+        ({**vae, "path": "https://example.com/v"}, "is a https: URL, which would run a program"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            check_node(bad, "x", "config.yaml", Trusted())
+
+
+def test_a_run_folder_naming_our_own_functions_runs_no_shell_command(trained, tmp_path, capsys):
+    """The first reproduction of issue 19: a handed unet run folder whose stage.module reads
+    "validation shards" through a pipe: URL, under export and under evaluate."""
+    run = copy_run(RunDir(trained[1].parent), tmp_path / "run")
+    marker = tmp_path / "MARK"
+    good = next(
+        Path(str(OmegaConf.load(run.config).data.val_urls).split("{")[0]).parent.glob("*.tar")
+    )
+    cfg = OmegaConf.load(run.config)
+    cfg.stage.module = {
+        "_target_": "ldm_train.metrics.reference.read_validation",
+        "urls": f"pipe:touch {marker}; cat {good}",
+        "loader": {"_target_": "ldm_train.data.stream.LoaderConfig"},
+        "limit": 1,
+    }
+    OmegaConf.save(cfg, run.config)
+    assert export_main([str(run.path)]) == 2
+    assert evaluate_main([str(run.last_checkpoint), "--out", str(tmp_path / "ev")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("read_validation" in line for line in errors)
+    assert not marker.exists() and not (tmp_path / "ev").exists()
+
+
+def test_a_file_cannot_extend_what_is_allowed(vae_run, tmp_path):
+    """The second: a node that calls export_checkpoint itself with an allowlist of its own."""
+    run = copy_run(vae_run, tmp_path / "run")
+    marker = tmp_path / "ran"
+    (tmp_path / "payload.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    cfg = OmegaConf.load(run.config)
+    cfg.stage.module = {
+        "_target_": "ldm_train.export.export_checkpoint",
+        "target": str(tmp_path / "payload.pkl"),
+        "trusted": ["torch.load"],
+        "allow": ["torch.load"],
+    }
+    OmegaConf.save(cfg, run.config)
+    with pytest.raises(UserError, match="'ldm_train.export.export_checkpoint', which is not one"):
+        export_checkpoint(run.path)
+    with pytest.raises(TypeError):  # only a Trusted built from the command line extends it
+        rebuild(cfg.stage.module, run.config, "stage.module", ["torch.load"])
+    assert not marker.exists()
+
+
+def test_an_export_config_with_a_pipe_url_runs_nothing_under_evaluate(trained, tmp_path, capsys):
+    """The third: evaluate EXPORT reads data.val_urls from the run's config.yaml beside it."""
+    run = copy_run(RunDir(trained[1].parent), tmp_path / "run")
+    marker = tmp_path / "MARK"
+    cfg = OmegaConf.load(run.config)
+    shards = str(cfg.data.val_urls)
+    cfg.data.val_urls = f"pipe:touch {marker}; cat {shards.replace('{000000..000001}', '000000')}"
+    OmegaConf.save(cfg, run.config)
+    out = tmp_path / "evaluation"
+    assert evaluate_main([str(run.export), "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "data.val_urls='pipe:touch" in line and "may only name local files" in line
+    assert not marker.exists() and not out.exists()
+    # A URL the user types is theirs to run: the same pipe: on the command line is read.
+    quick = ["--n", "1", "--steps", "1", "--max-reference", "4", "--max-prompts", "1"]
+    assert (
+        evaluate_main([str(run.export), "--out", str(out), *quick, "--val-urls", cfg.data.val_urls])
+        == 0
+    )
+    assert marker.exists() and (out / "metrics.json").is_file()
 
 
 def test_a_clip_folder_asking_for_a_remote_code_tokenizer_is_refused(upstream, tmp_path):

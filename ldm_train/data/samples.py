@@ -30,6 +30,9 @@ from ldm_train.errors import UserError
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS_PER_REASON = 5
+MAX_RESIZED_PIXELS = (
+    4096 * 4096
+)  # an image whose resize would hold more is skipped (too_many_pixels)
 # Members of a cached-latent sample (ldm_train.cache_latents writes them; .npy: numpy's format).
 LATENT_KEY, LATENT_FLIP_KEY, TEXT_KEY = "latent.npy", "latent_flip.npy", "text.npy"
 
@@ -167,6 +170,18 @@ class ImageTransform:
         return to_tensor(image)  # a random crop is augment's
 
 
+def too_many_pixels(size: tuple[int, int], square: tuple[int, int]) -> bool:
+    """Bounded memory for images of any shape: more pixels than PIL's decompression-bomb limit,
+    or a resize (the short side to the square's, keeping the ratio; what the transforms do, an
+    upper bound for buckets) of more than MAX_RESIZED_PIXELS. A 1 x 600000 px image resized to 32
+    px would hold 614 M pixels (about 3 GB as the loader handles it)."""
+    width, height = size
+    if width * height > (Image.MAX_IMAGE_PIXELS or MAX_RESIZED_PIXELS):
+        return True
+    scale = max(square) / max(1, min(width, height))
+    return width * height * scale**2 > MAX_RESIZED_PIXELS
+
+
 def image_transform(cfg: LoaderConfig, train: bool) -> ImageTransform | BucketTransform:
     """Square images, or with buckets each image at its bucket's size (ldm_train/data/bucket_sizes.py)."""
     buckets = cfg.bucket_list
@@ -247,6 +262,9 @@ def decode_members(
     try:
         with Image.open(io.BytesIO(sample[image_key])) as raw:
             raw.draft("RGB", transform.draft_size)  # JPEG: decode at reduced size
+            if too_many_pixels(raw.size, transform.draft_size):  # read from the header only
+                stats.skip("too many pixels", where)
+                return None
             ImageOps.exif_transpose(raw, in_place=True)  # phone photos: rotation in EXIF
             image = transform(to_rgb(raw), rng)  # a bucket's random crop draws first
     except Exception as error:  # PIL raises many types (incl. DecompressionBombError)

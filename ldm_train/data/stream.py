@@ -59,8 +59,10 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def no_valid_samples(urls: Sequence[str], train: bool, stats: StreamStats) -> NoValidSamplesError:
-    option = "data.train_urls" if train else "data.val_urls"
+def no_valid_samples(
+    urls: Sequence[str], train: bool, stats: StreamStats, option: str | None = None
+) -> NoValidSamplesError:
+    option = option or ("data.train_urls" if train else "data.val_urls")
     return NoValidSamplesError(
         f"no valid sample in {list(urls)}; skipped: {dict(stats.skipped) or 'nothing'}; "
         f"check {option}, data.image_keys and data.caption_keys"
@@ -74,12 +76,15 @@ def read_pass(
     stats: StreamStats,
     order_seed: str | None = None,
     shuffle_buffer: int = 0,
+    option: str | None = None,
 ) -> Iterator[dict]:
     """Raw samples of one pass for reader `slot` of `slots` (the explicit node and worker split).
 
     With at least one shard per reader, readers take disjoint shards; with fewer, every reader opens
     every shard and keeps every `slots`-th sample, so no reader sits idle. order_seed shuffles the
-    shard order and seeds the sample shuffle buffer (None: file order, no shuffle).
+    shard order and seeds the sample shuffle buffer (None: file order, no shuffle). option: the
+    config key the urls came from, named when no sample could be read (default: by order_seed,
+    data.train_urls or data.val_urls).
     """
     order = list(urls)
     if order_seed is not None:
@@ -97,7 +102,7 @@ def read_pass(
     yield from kept
     # Pull-based: every sample of the pass has been read from its tar by now.
     if stats.read == read_before and not stats.replaying:
-        raise no_valid_samples(urls, order_seed is not None, stats)
+        raise no_valid_samples(urls, order_seed is not None, stats, option)
 
 
 def count_and_split(

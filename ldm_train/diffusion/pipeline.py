@@ -38,11 +38,18 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ldm_train.atomic import write_folder
 from ldm_train.diffusion.conditioning import TextEncoder
-from ldm_train.diffusion.sampler import SamplingOptions, latent_shape, per_prompt, sample
+from ldm_train.diffusion.sampler import (
+    MAX_SIDE,
+    SamplingOptions,
+    latent_shape,
+    per_prompt,
+    sample,
+)
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder, load_text_encoder
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, reading
 from ldm_train.formats.transformers_clip import (
     TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
@@ -50,6 +57,8 @@ from ldm_train.formats.transformers_clip import (
     save_text_encoder,
 )
 from ldm_train.formats.vae_folder import vae_scale_factor
+from ldm_train.rules import Int
+from ldm_train.safety import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,9 @@ INDEX = "ldm_train_pipeline.json"
 MODEL_INDEX = StableDiffusionPipeline.config_name  # model_index.json
 SCHEDULER_CONFIG = SchedulerMixin.config_name  # scheduler_config.json
 PARTS = ("unet", "scheduler", "vae", TEXT_ENCODER_DIR, TOKENIZER_DIR)
+INDEX_RULES = {"image_size": Int(1, MAX_SIDE)}
+# Weights from disk, safetensors only: a pickled .bin is never opened (nor its warnings printed).
+SAFE = {"local_files_only": True, "use_safetensors": True}
 
 
 @dataclass
@@ -106,9 +118,13 @@ class Pipeline:
             self.unet.train(was_training)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the folder (see the module docstring) in place of an earlier export; returns it."""
-        out_dir = Path(out_dir)
-        remove_parts(out_dir)
+        """Write the folder (see the module docstring); returns it. It is written beside and
+        moved into place whole (ldm_train.atomic): an earlier export there is replaced, a folder
+        of someone else's files refused."""
+        return write_folder(out_dir, self.write, "unet export", "the export folder", (INDEX,))
+
+    def write(self, out_dir: Path) -> Path:
+        """The folder's content, into an empty folder."""
         sampler = export_sampler(self.sampling.sampler, self.scheduler.config, self.vae is None)
         self.unet.save_pretrained(out_dir / "unet")
         sampler.save_pretrained(out_dir / "scheduler")
@@ -156,21 +172,26 @@ class Pipeline:
         eval mode."""
         export_dir = Path(export_dir)
         index = read_index(export_dir)
-        parts = {name: part_folder(export_dir, index, name) for name in PARTS}
-        vae = None
-        if parts["vae"] is not None:
-            vae = AutoencoderKL.from_pretrained(parts["vae"], local_files_only=True)
-        text_encoder = read_text_encoder(parts, index.get("text_layer") or "last")
-        unet = UNet2DConditionModel.from_pretrained(parts["unet"], local_files_only=True)
-        return cls(
-            unet=unet.to(device).eval(),
-            scheduler=train_scheduler(index, parts["scheduler"]),
-            vae=vae.to(device).eval() if vae is not None else None,
-            text_encoder=text_encoder.to(device) if text_encoder is not None else None,
-            image_size=index["image_size"],
-            sampling=SamplingOptions(**index.get("sampling", {})),
-            prompts=list(index.get("prompts") or []),
-        )
+        with reading(export_dir, " (a broken or half-written export? export it again)"):
+            parts = {name: part_folder(export_dir, index, name) for name in PARTS}
+            for name in ("unet", "vae"):
+                if parts[name] is not None:
+                    check_safetensors(parts[name], f"{export_dir}: {name}")
+            vae = None
+            if parts["vae"] is not None:
+                vae = AutoencoderKL.from_pretrained(parts["vae"], **SAFE)
+            text_encoder = read_text_encoder(parts, index.get("text_layer") or "last")
+            unet = UNet2DConditionModel.from_pretrained(parts["unet"], **SAFE)
+            scheduler = train_scheduler(index, parts["scheduler"])
+            return cls(
+                unet=unet.to(device).eval(),
+                scheduler=scheduler,
+                vae=vae.to(device).eval() if vae is not None else None,
+                text_encoder=text_encoder.to(device) if text_encoder is not None else None,
+                image_size=index["image_size"],
+                sampling=SamplingOptions.from_record(index["sampling"], str(export_dir / INDEX)),
+                prompts=index["prompts"],
+            )
 
 
 def export_sampler(name: str, train_config: dict, pixel_space: bool) -> SchedulerMixin:
@@ -218,26 +239,24 @@ def diffusers_problem(
     return None
 
 
-def remove_parts(out_dir: Path) -> None:
-    """An earlier export in the folder goes first: a stale part (an open_clip text_encoder/, a
-    model_index.json) would be read as part of this one. Only the names this module writes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*PARTS, MODEL_INDEX, INDEX):
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def read_index(export_dir: Path) -> dict:
+    """The export's index, checked field by field (a file is data: ldm_train.safety)."""
     index_file = export_dir / INDEX
     if not index_file.is_file():
         raise UserError(
             f"no {INDEX} in {export_dir}: point at the export folder of a unet run "
             "(e.g. outputs/<experiment>/unet/export; `python -m ldm_train stage=unet` makes it)"
         )
-    return json.loads(index_file.read_text())
+    with reading(index_file, " (export the run again)"):
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    if not isinstance(index, dict):
+        raise UserError(f"{index_file} is not an export index (a JSON object)")
+    INDEX_RULES["image_size"].check(f"{index_file}: image_size", index.get("image_size"))
+    prompts = index.setdefault("prompts", []) or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"{index_file}: prompts must be a list of strings")
+    index["prompts"], index["sampling"] = prompts, index.get("sampling") or {}
+    return index
 
 
 def part_folder(export_dir: Path, index: dict, name: str) -> Path | None:

@@ -15,14 +15,29 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from ldm_train.diffusion.conditioning import TextEncoder, text_context
 from ldm_train.diffusion.latents import decode_latents
 from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
-from ldm_train.errors import UserError, check_choice
+from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import check_fits, vae_scale_factor
+from ldm_train.rules import SEED, Choice, Int, Real, Rule
+
+MAX_SIDE = 4096  # pixels: the largest width or height generated (the memory grows with the area)
+# What each sampling option may be: for the config (validation samples, the chain), the export's
+# recorded defaults and the commands' options alike. Guidance >= 1 as diffusers' pipelines read
+# the scale (they guide only above 1), so that an export samples the same in both.
+SAMPLING_RULES: dict[str, Rule] = {
+    "sampler": Choice(SAMPLERS),
+    "steps": Int(1, 1000),  # and at most the noise schedule's timesteps (sample checks)
+    "guidance": Real(1, 100),
+    "seed": SEED,
+    "batch_size": Int(1, 4096),
+}
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample: the scheduler (ddim | euler | dpmpp), its number of steps, the
-    classifier-free guidance scale (1: no guidance) and the seed of the first image."""
+    classifier-free guidance scale (1: no guidance), the seed of the first image, images per
+    forward pass. The defaults are for code that samples without a config (tests, notebooks); an
+    export records the ones it was validated with, and the commands draw with those."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -31,15 +46,18 @@ class SamplingOptions:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        check_choice("sampler", self.sampler, SAMPLERS)
-        if self.steps < 1:
-            raise UserError(f"steps={self.steps}; need at least 1 sampling step")
-        if self.guidance < 1:
-            # As diffusers' pipelines read the scale (they guide only above 1), so that an export
-            # samples the same in both; the prompt "" gives unconditional samples.
-            raise UserError(f"guidance={self.guidance}; need a scale >= 1 (1: no guidance)")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size={self.batch_size}; need >= 1")
+        for name, rule in SAMPLING_RULES.items():
+            rule.check(name, getattr(self, name))
+
+    @classmethod
+    def from_record(cls, record: object, source: str) -> SamplingOptions:
+        """The options a file records (an export's index), field by field; one line if not."""
+        if not isinstance(record, dict) or set(record) - set(SAMPLING_RULES):
+            raise UserError(f"{source}: sampling must hold only {', '.join(SAMPLING_RULES)}")
+        try:
+            return cls(**record)
+        except UserError as error:
+            raise UserError(f"{source}: sampling.{error}") from None
 
 
 def latent_shape(
@@ -50,6 +68,11 @@ def latent_shape(
     U-Net and the VAE are convolutional (diffusers' U-Net resizes its upsampling to odd sides)."""
     factor = vae_scale_factor(vae)
     width, height = (int(side) for side in size)
+    if max(width, height) > MAX_SIDE:
+        raise UserError(
+            f"size {width}x{height}: each side must be at most {MAX_SIDE} pixels (memory grows "
+            "with the area; generate in tiles, or at a smaller size and upscale)"
+        )
     check_fits([(width, height)], factor, "the VAE")
     return (unet.config.in_channels, height // factor, width // factor)
 
@@ -81,6 +104,12 @@ def sample(
     """Images (N x C x H x W in [-1, 1]) for prompts[i] from the noise of seeds[i]."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    timesteps = scheduler_config.get("num_train_timesteps", 1000)
+    if options.steps > timesteps:
+        raise UserError(
+            f"steps={options.steps} must be at most the {timesteps} timesteps the U-Net was "
+            "trained on"
+        )
     images = []
     for start in range(0, len(prompts), options.batch_size):
         batch = slice(start, start + options.batch_size)

@@ -24,7 +24,7 @@ import open_clip
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_train.errors import UserError, check_choice
+from ldm_train.errors import UserError, check_choice, reading
 from ldm_train.formats.clip_model import is_clip_folder, load_clip, load_named_clip
 from ldm_train.formats.transformers_clip import (
     clip_tokenizer,
@@ -191,6 +191,22 @@ def load_text_encoder(
     """stage.text_encoder -> a frozen text encoder; None for an unconditional U-Net."""
     if path is None:
         return None
+    with reading(f"stage.text_encoder={path}"):
+        encoder = text_encoder_at(path, layer)
+    log.info(
+        "text encoder from %s (%s, layer %s, width %d)",
+        path,
+        type(encoder).__name__,
+        layer,
+        encoder.width,
+    )
+    return encoder
+
+
+def text_encoder_at(
+    path: str | Path, layer: TextLayer
+) -> ClipTextEncoder | TransformersTextEncoder:
+    """The text encoder at path, of whichever kind it is (ACCEPTED)."""
     folder = Path(path)
     if is_clip_folder(folder):
         encoder = ClipTextEncoder.from_pretrained(folder, layer=layer)
@@ -206,13 +222,6 @@ def load_text_encoder(
             f"stage.text_encoder: no CLIP export at {path} nor another text encoder ({found}); "
             f"it takes {ACCEPTED}"
         )
-    log.info(
-        "text encoder from %s (%s, layer %s, width %d)",
-        path,
-        type(encoder).__name__,
-        layer,
-        encoder.width,
-    )
     return encoder
 
 

@@ -83,6 +83,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     if isinstance(weights, dict) and isinstance(weights.get("state_dict"), dict):
         weights = weights["state_dict"]
+    if not isinstance(weights, dict):
+        raise UserError(f"{path}: holds a {type(weights).__name__}, not a state dict of weights")
     return {key.removeprefix("module."): value for key, value in weights.items()}
 
 

@@ -33,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from ldm_train.errors import UserError, check_choice
+from ldm_train.safety import check_safetensors
 
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
@@ -247,8 +248,11 @@ def load_text_encoder_folders(
     model_dir: Path, tokenizer_dir: Path
 ) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """Read both, from disk only; float32 as our own encoders (fp16 folders are upcast)."""
+    check_safetensors(model_dir, "the text encoder")
     with quiet_progress():
-        text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+        text_model = CLIPTextModel.from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True
+        )
     text_model = text_model.float().eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     return text_model, tokenizer

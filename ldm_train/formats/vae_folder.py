@@ -14,7 +14,8 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, reading
+from ldm_train.safety import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ def load_vae(path: str | Path | None) -> AutoencoderKL | None:
             "`python -m ldm_train stage=vae` (same data/experiment options), or set stage.vae to a "
             "diffusers AutoencoderKL folder, or stage.vae=null to train in pixel space"
         )
-    vae = AutoencoderKL.from_pretrained(folder)
+    check_safetensors(folder, f"stage.vae={path}")
+    with reading(f"stage.vae={path}", " (a diffusers AutoencoderKL folder, safetensors weights)"):
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     log.info("VAE from %s (scaling_factor %s)", folder, vae.config.scaling_factor)
     return vae.eval().requires_grad_(False)
 
