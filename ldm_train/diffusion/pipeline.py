@@ -109,6 +109,9 @@ class Pipeline:
         out_dir = Path(out_dir)
         remove_parts(out_dir)
         sampler = export_sampler(self.sampling.sampler, self.scheduler.config, self.vae is None)
+        # diffusers draws sample_size latents by default: the training size's (a pretrained or
+        # earlier U-Net carries the size it was made for; a resolution stage changed it).
+        self.unet.register_to_config(sample_size=self.latent_shape[-1])
         self.unet.save_pretrained(out_dir / "unet")
         sampler.save_pretrained(out_dir / "scheduler")
         if self.vae is not None:
