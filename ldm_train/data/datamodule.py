@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +41,26 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Brace patterns (one string, or a list of them) -> the list of shard URLs."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
     return [url for pattern in patterns for url in braceexpand(pattern)]
+
+
+def shards_name(urls: str | Sequence[str] | None) -> str:
+    """${shards_name:${data.train_urls}}, data=webdataset's name (so its experiment's): the folder
+    that holds the shards (data/photos/train-{000000..000009}.tar: photos), or for a latent cache
+    the folder of the shards it was made from (its cache.json says); "webdataset" if none."""
+    patterns = [urls] if isinstance(urls, str) else list(urls or [])
+    if not patterns or not isinstance(patterns[0], str):
+        return "webdataset"
+    words = patterns[0].removeprefix("pipe:").split()
+    path = next((w for w in words if ".tar" in w), words[0] if words else "")
+    folder = Path(local_path(path) or path.split("://", 1)[-1]).parent
+    info = folder / "cache.json"  # ldm_train.cache_latents' record of its source
+    if info.is_file():
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            return shards_name(json.loads(info.read_text())["source_urls"][0])
+    return folder.name if folder.name not in ("", ".", "..") else "webdataset"
+
+
+OmegaConf.register_new_resolver("shards_name", shards_name, replace=True)
 
 
 def local_path(url: str) -> str | None:
@@ -197,6 +219,11 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
+
+    def plain_batches(self) -> DataLoader:
+        """One deterministic pass over the validation shards (the training shards if there are
+        none), decoded as for validation: for measurements outside the training loop."""
+        return self._loader(self.val_urls or self.train_urls, train=False)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_urls, train=False) if self.val_urls else []
