@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from ldm_train import quiet
+from ldm_train import progress, quiet
 from ldm_train.callbacks.images import image_grid
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.errors import UserError
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
         size = (args.width or pipeline.image_size, args.height or pipeline.image_size)
-        images = pipeline.generate(prompts, args.n, options, size=size)
+        with progress.shown():
+            images = pipeline.generate(prompts, args.n, options, size=size)
         paths = save_images(images, prompts, args.n, args.seed, args.out)
     except UserError as error:
         print(f"ldm_train.generate: error: {error}", file=sys.stderr)

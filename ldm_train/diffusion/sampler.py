@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm_train import progress
 from ldm_train.diffusion.frozen import (
     TextEncoder,
     decode_latents,
@@ -90,13 +91,22 @@ def sample(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images = []
-    for start in range(0, len(prompts), options.batch_size):
-        batch = slice(start, start + options.batch_size)
-        noise = initial_noise(latent_shape, seeds[batch])
-        latents = denoise(
-            unet, scheduler_config, list(prompts[batch]), noise, options, text_encoder, vae is None
-        )
-        images.append(decode_latents(vae, latents).float().cpu())
+    starts = range(0, len(prompts), options.batch_size)
+    # A bar only where a command shows one (ldm_train.progress), e.g. generate's; never in training.
+    with progress.bar(len(starts) * options.steps, "sampling", "step"):
+        for start in starts:
+            batch = slice(start, start + options.batch_size)
+            noise = initial_noise(latent_shape, seeds[batch])
+            latents = denoise(
+                unet,
+                scheduler_config,
+                list(prompts[batch]),
+                noise,
+                options,
+                text_encoder,
+                vae is None,
+            )
+            images.append(decode_latents(vae, latents).float().cpu())
     return torch.cat(images)
 
 
@@ -122,7 +132,7 @@ def denoise(
         )
     context = context.to(dtype)
     latents = noise.to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for t in progress.tick(scheduler.timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         prediction = unet(model_input.to(dtype), t, encoder_hidden_states=context).sample.float()
