@@ -38,7 +38,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
-from ldm_train import quiet
+from ldm_train import progress, quiet
 from ldm_train.config import check_overrides, compose_config
 from ldm_train.data.bucket_batches import shape_of
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist
@@ -176,18 +176,18 @@ def cache_shards(
     """Every parts-th shard from the index-th (part = (index, parts)), each unless already there."""
     index, parts = part
     counts, totals = {"shards_written": 0, "shards_kept": 0}, StreamStats()
-    for number, url in enumerate(urls):
-        out_file = out_dir / f"train-{number:06d}.tar"
-        if number % parts != index:
-            continue
-        if out_file.is_file():
-            counts["shards_kept"] += 1
-            continue
-        stats = cache_shard(url, out_file, loader, *encode)
-        totals.ok += stats.ok
-        totals.skipped.update(stats.skipped)
-        counts["shards_written"] += 1
-        log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
+    mine = [(number, url) for number, url in enumerate(urls) if number % parts == index]
+    with progress.bar(len(mine), "caching", "shard"):
+        for number, url in progress.tick(mine):
+            out_file = out_dir / f"train-{number:06d}.tar"
+            if out_file.is_file():
+                counts["shards_kept"] += 1
+                continue
+            stats = cache_shard(url, out_file, loader, *encode)
+            totals.ok += stats.ok
+            totals.skipped.update(stats.skipped)
+            counts["shards_written"] += 1
+            log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
     return counts, totals
 
 
@@ -238,9 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_overrides(["stage=unet", *args.overrides])  # unknown keys: one line, closest named
         cfg = compose_config(["stage=unet", *args.overrides])
-        info = cache_latents(
-            cfg, args.out, args.dtype, args.batch_size, args.device, parse_part(args.part)
-        )
+        with progress.shown():
+            info = cache_latents(
+                cfg, args.out, args.dtype, args.batch_size, args.device, parse_part(args.part)
+            )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

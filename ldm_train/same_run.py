@@ -63,7 +63,7 @@ def same_run_part(cfg: DictConfig) -> dict:
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
-    """Keys of the SAME_RUN sections whose values differ ("key: old -> new")."""
+    """Keys of the SAME_RUN sections whose values differ ("key: old -> new"); [] for the same run."""
     old, new = (flatten(same_run_part(c)) for c in (saved, current))
     keys = sorted(
         key
@@ -71,4 +71,9 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
         if not any(key == m or key.startswith(f"{m}.") for m in MAY_CHANGE)
         and old.get(key) != new.get(key)
     )
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
+    # A value the config copies by interpolation (model.lr into optimizer.lr ...) changes in every
+    # copy: listed once, under its first key.
+    changes: dict[str, str] = {}
+    for key in keys:
+        changes.setdefault(f"{old.get(key)!r} -> {new.get(key)!r}", key)
+    return [f"{key}: {change}" for change, key in changes.items()]
