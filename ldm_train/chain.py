@@ -72,8 +72,10 @@ def stage_overrides(
     upstream exports it made (unet: the clip and vae exports), then the user's overrides."""
     settings = cfg.stage.chain[stage]
     preset = cfg.model.get(stage, "tiny")
-    # max_steps null: the preset's own (model.max_steps, else trainer's default).
-    steps = settings.get("max_steps")
+    # max_steps null: the preset's own (model.max_steps, else trainer's default); with a debug
+    # preset (debug=fast) the preset's few steps.
+    debugging = any(o.split("=")[0] == "debug" and not o.endswith("=null") for o in user)
+    steps = None if debugging else settings.get("max_steps")
     upstream = {"vae": "stage.vae", "clip": "stage.text_encoder"} if stage == "unet" else {}
     return [
         f"stage={stage}",
@@ -169,7 +171,8 @@ def train_chain(
     chain_run = RunDir(cfg.paths.run_dir)  # outputs/<experiment>/all: its config, images, results
     cfg.paths.run_dir = str(chain_run.path)  # chosen once (ldm_train.rundir.run_dir)
     chain_run.path.mkdir(parents=True, exist_ok=True)
-    chain_run.save_config(cfg)  # a rerun with other settings goes to all-2 (rundir)
+    # As given (its optimizer reads each stage's model.lr): a rerun with other settings: all-2.
+    chain_run.save_config(cfg, resolve=False)
     metrics: dict[str, float] = {}
     exports: dict[str, Path] = {}
     for stage in STAGES:

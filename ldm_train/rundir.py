@@ -96,15 +96,14 @@ class RunDir:
         except Exception:  # noqa: BLE001 - a broken file holds no run we could continue
             return None
 
-    def save_config(self, cfg: DictConfig) -> None:
-        """The resolved config (without Hydra's own node), written whole: other processes choose
-        their folder by reading it. Logs why this run took a numbered folder, if it did."""
+    def save_config(self, cfg: DictConfig, resolve: bool = True) -> None:
+        """The config (without Hydra's own node; resolved unless told), written whole: other
+        processes choose their folder by reading it. Logs why this run took a numbered folder."""
         if rank_zero_only.rank == 0 and str(self.path.resolve()) in CHOSEN:
             log.info("%s", CHOSEN.pop(str(self.path.resolve())))
         partial = self.config.with_name(f".{CONFIG}.{os.getpid()}.tmp")
-        OmegaConf.save(
-            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), partial, resolve=True
-        )
+        own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        OmegaConf.save(own, partial, resolve=resolve)
         partial.replace(self.config)
 
     def find_checkpoint(self) -> Path:

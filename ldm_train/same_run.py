@@ -6,6 +6,7 @@ folder of its own, or refuses to resume it)."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 # What a resumed run must keep to be the same run (config sections and trainer keys); keys under
 # them that may change between a run and its resume (they do not change what is trained).
@@ -55,9 +56,12 @@ def same_run_part(cfg: DictConfig) -> dict:
     resolving now, depends on them)."""
     part: dict = {}
     for section in SAME_RUN:
-        value = OmegaConf.select(cfg, section, throw_on_missing=False)
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            value = OmegaConf.select(cfg, section, throw_on_missing=False)
+            if isinstance(value, DictConfig | ListConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+        except InterpolationResolutionError:  # stage=all's optimizer: each stage's model has lr
+            value = "(unresolved)"
         part[section] = value
     return part
 

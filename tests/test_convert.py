@@ -240,7 +240,8 @@ def test_val_fraction_holds_out_a_seeded_share_and_prints_both_keys(tmp_path, ca
         s["txt"] for s in val
     ]  # the same seed holds out the same images
     assert convert.main([str(src), str(tmp_path / "cli"), "--val-fraction", "0.2", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("  python -m ldm_train stage=all data=webdataset ")
     assert f"\"data.train_urls='{tmp_path / 'cli'}/train-000000.tar'\"" in printed
     assert f"\"data.val_urls='{tmp_path / 'cli'}/val-000000.tar'\"" in printed
     assert convert.main([str(src), str(tmp_path / "v"), "--prefix", "val", "--quiet"]) == 0

@@ -553,3 +553,14 @@ def test_shuffle_tags_keeps_the_first_tags_and_reorders_the_rest_per_draw(tmp_pa
     first = captions(train=True)
     assert first == captions(train=True) and len(set(first)) > 1
     assert set(captions(train=False)) == {tags}
+
+
+def test_a_local_wildcard_names_the_shards_it_matches(tmp_path):
+    for name in ("train-000001.tar", "train-000000.tar", "val-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_urls(f"{tmp_path}/train-*.tar") == [
+        f"{tmp_path}/train-000000.tar",
+        f"{tmp_path}/train-000001.tar",
+    ]
+    assert expand_urls(f"{tmp_path}/none-*.tar") == [f"{tmp_path}/none-*.tar"]  # reported missing
+    assert expand_urls("pipe:cat x-*.tar") == ["pipe:cat x-*.tar"]  # not a local path

@@ -272,10 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for prefix, report in reports.items():
         print(f"{prefix}: wrote {report.written} samples, skipped {report.num_skipped}")
-    print("train with:")
-    for prefix, report in reports.items():
-        key = "data.val_urls" if prefix == "val" else "data.train_urls"
-        print(f"  \"{key}='{brace_pattern(args.out, prefix, len(report.shards))}'\"")
+    urls = {
+        "data.val_urls" if prefix == "val" else "data.train_urls": brace_pattern(
+            args.out, prefix, len(report.shards)
+        )
+        for prefix, report in reports.items()
+        if report.shards
+    }
+    overrides = " ".join(f"\"{key}='{pattern}'\"" for key, pattern in urls.items())
+    if len(urls) == 2:
+        print(f"train on them with:\n  python -m ldm_train stage=all data=webdataset {overrides}")
+    else:
+        print(overrides)
+        if "data.train_urls" in urls:
+            print("(no validation shards: --val-fraction 0.05 holds out a share)")
     return 0
 
 

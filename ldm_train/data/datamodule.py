@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,9 +39,19 @@ DATASET_KEYS = (
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace patterns (one string, or a list of them) -> the list of shard URLs."""
+    """Brace patterns (one string, or a list of them) -> the list of shard URLs; a local pattern
+    with * or ? matches files (sorted): data/photos/train-*.tar."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in braceexpand(pattern)]
+    expanded = [url for pattern in patterns for url in braceexpand(pattern)]
+    return [match for url in expanded for match in local_matches(url)]
+
+
+def local_matches(url: str) -> list[str]:
+    """The files a local wildcard names (sorted; itself if none match: reported as missing)."""
+    path = local_path(url)
+    if path is None or not any(wild in path for wild in "*?"):
+        return [url]
+    return sorted(glob.glob(path)) or [url]
 
 
 def shards_name(urls: str | Sequence[str] | None) -> str:
