@@ -1,5 +1,5 @@
-"""The training console: one progress line for the whole run, a line per validation, and a short
-model summary.
+"""The training console: one progress line for the whole run (StepProgressBar), and log lines for
+the parameters and after each validation (RunReport).
 
     vae  step 1200/2400 |█████     | 05:10<05:10, 0.26s/step, loss 0.0412, val/psnr 28.1
 
@@ -64,7 +64,7 @@ class StepProgressBar(TQDMProgressBar):
         return Tqdm(
             desc=self.validation_description,
             position=1,
-            # to a file, the line report_validation logs says it all
+            # to a file, the line RunReport logs after a validation says it all
             disable=self.is_disabled or not sys.stdout.isatty(),
             leave=False,
             dynamic_ncols=True,
@@ -108,10 +108,8 @@ class StepProgressBar(TQDMProgressBar):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.val_progress_bar.close()
         self.reset_dataloader_idx_tracker()
-        if not trainer.sanity_checking:
-            report_validation(trainer)
-            if self._train_progress_bar is not None:
-                self.train_progress_bar.set_postfix_str(self.postfix(trainer, pl_module))
+        if not trainer.sanity_checking and self._train_progress_bar is not None:
+            self.train_progress_bar.set_postfix_str(self.postfix(trainer, pl_module))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """What the module logs with prog_bar=True, without Lightning's version number, the
@@ -127,22 +125,10 @@ class StepProgressBar(TQDMProgressBar):
         return ", ".join(f"{k} {short(v)}" for k, v in self.get_metrics(trainer, pl_module).items())
 
 
-@rank_zero_only
-def report_validation(trainer: L.Trainer) -> None:
-    """One log line per validation with every val/ figure (a file log keeps them all)."""
-    figures = {
-        name: float(value)
-        for name, value in sorted(trainer.callback_metrics.items())
-        if name.startswith("val/") and value.numel() == 1
-    }
-    if figures:
-        shown = ", ".join(f"{name} {short(v)}" for name, v in figures.items() if math.isfinite(v))
-        log.info("validation at step %d: %s", trainer.global_step, shown)
-
-
-class PartsSummary(L.Callback):
-    """One line instead of Lightning's model summary table (whose FLOPs column reads 0 without an
-    example input, and which lists every metric object): the parts that hold parameters."""
+class RunReport(L.Callback):
+    """Log lines, with or without the bar: the parts that hold parameters at the start (instead of
+    Lightning's model summary table, whose FLOPs column reads 0 without an example input and which
+    lists every metric object), and every val/ figure after each validation."""
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,6 +148,19 @@ class PartsSummary(L.Callback):
             summary.model_size,
             "; ".join(parts) or "none",
         )
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        figures = {
+            name: float(value)
+            for name, value in sorted(trainer.callback_metrics.items())
+            if name.startswith("val/") and value.numel() == 1
+        }
+        shown = ", ".join(f"{k} {short(v)}" for k, v in figures.items() if math.isfinite(v))
+        if shown:
+            log.info("validation at step %d: %s", trainer.global_step, shown)
 
 
 def human(count: int) -> str:
