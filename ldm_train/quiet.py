@@ -46,7 +46,13 @@ WARNINGS = (
 # (which only speeds up loading very large models; ours load correctly without it).
 LOG_NOTES = {
     # ... and which accelerators it did not find besides the GPU (no TPU or HPU user needs telling).
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:", "TPU available:", "HPU available:"),
+    # ... and why fit stopped at max_steps (our stage's last line says how many steps it ran).
+    "lightning.pytorch.utilities.rank_zero": (
+        "💡 Tip:",
+        "TPU available:",
+        "HPU available:",
+        "`Trainer.fit` stopped: `max_steps=",
+    ),
     "diffusers.models.modeling_utils": ("Cannot initialize model with low cpu memory usage",),
     "diffusers.pipelines.pipeline_utils": ("Cannot initialize model with low cpu memory usage",),
 }

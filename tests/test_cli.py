@@ -39,7 +39,7 @@ def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path, run_cli):
     assert f"outputs in {run_dir}" in console
     assert "vae  step 2/2" in console and "validation at step 2: " in console
     assert "parameters: " in console and "trainable" in console
-    for noise in ("Epoch", "/-2", "v_num", "FLOPs", "TPU available"):
+    for noise in ("Epoch", "/-2", "v_num", "FLOPs", "TPU available", "fit` stopped"):
         assert noise not in console, noise
     assert not LIBRARY_WARNING.search(console), LIBRARY_WARNING.search(console)
     assert (tmp_path / "data" / "shapes-32" / "train-000015.tar").is_file()

@@ -226,12 +226,12 @@ def test_the_noise_schedule_comes_from_the_pretrained_pipeline_unless_set(
 
 @pytest.mark.parametrize("part", ["unet", "vae"])
 def test_a_single_file_checkpoint_loads_through_diffusers(tiny_sd, make_cfg, tmp_path, part):
-    """One .safetensors (or a .ckpt holding a state_dict) and the architecture from a folder of the
-    same model: diffusers' from_single_file, from disk only."""
+    """The one weights file diffusers' save_pretrained wrote, and a .ckpt holding it as a
+    state_dict, with the architecture from a folder of the same model: from_single_file, from disk
+    only (no other file of that folder is read for the weights)."""
     sd = tiny_sd[1]
-    weights = safetensors.torch.load_file(sd / part / "diffusion_pytorch_model.safetensors")
-    single = tmp_path / f"{part}.safetensors"
-    safetensors.torch.save_file(weights, single)
+    single = sd / part / "diffusion_pytorch_model.safetensors"  # saved by diffusers
+    weights = safetensors.torch.load_file(single)
     ckpt = tmp_path / f"{part}.ckpt"
     torch.save({"state_dict": weights}, ckpt)
     upstream = [f"stage.vae={sd}", f"stage.text_encoder={sd}"] if part == "unet" else []
@@ -244,5 +244,5 @@ def test_a_single_file_checkpoint_loads_through_diffusers(tiny_sd, make_cfg, tmp
         )
         module = instantiate(cfg.stage.module)
         assert equal_states(module.net.state_dict(), weights) and module.net.training
-    message = one_line_error(make_cfg(f"stage={part}", *upstream, f"model.pretrained={single}"))
+    message = one_line_error(make_cfg(f"stage={part}", *upstream, f"model.pretrained={ckpt}"))
     assert "no model.pretrained_config" in message and "model.pretrained_config=FOLDER" in message
