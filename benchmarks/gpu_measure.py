@@ -194,6 +194,7 @@ class Measure:
                 f"paths.output_root={self.work / 'outputs'}",
                 "data.make_dataset=null",
                 "logger=none",
+                "trainer.enable_progress_bar=false",  # (fit passes it too: no bar callback then)
                 f"trainer.accelerator={self.preset.accelerator}",
                 "trainer.precision=bf16-mixed",
                 *overrides,

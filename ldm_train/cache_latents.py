@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
-from ldm_train import cli
+from ldm_train import cli, progress
 from ldm_train.atomic import claim_folder, write_json, written_beside
 from ldm_train.checks import check_values
 from ldm_train.config import check_overrides, compose_config
@@ -188,18 +188,18 @@ def cache_shards(
     """Every parts-th shard from the index-th (part = (index, parts)), each unless already there."""
     index, parts = part
     counts, totals = {"shards_written": 0, "shards_kept": 0}, StreamStats()
-    for number, url in enumerate(urls):
-        out_file = shard_path(out_dir, "train", number)
-        if number % parts != index:
-            continue
-        if out_file.is_file():
-            counts["shards_kept"] += 1
-            continue
-        stats = cache_shard(url, out_file, loader, *encode)
-        totals.ok += stats.ok
-        totals.skipped.update(stats.skipped)
-        counts["shards_written"] += 1
-        log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
+    mine = [(number, url) for number, url in enumerate(urls) if number % parts == index]
+    with progress.bar(len(mine), "caching", "shard"):
+        for number, url in progress.tick(mine):
+            out_file = shard_path(out_dir, "train", number)
+            if out_file.is_file():
+                counts["shards_kept"] += 1
+                continue
+            stats = cache_shard(url, out_file, loader, *encode)
+            totals.ok += stats.ok
+            totals.skipped.update(stats.skipped)
+            counts["shards_written"] += 1
+            log.info("cached %s -> %s (%d samples)", url, out_file, stats.ok)
     return counts, totals
 
 
@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_overrides(["stage=unet", *args.overrides])  # unknown keys: one line, closest named
         cfg = compose_config(["stage=unet", *args.overrides])
         device = cli.device(args.device)
-        info = cache_latents(cfg, args.out, args.dtype, args.batch_size, device, part)
+        with progress.shown():
+            info = cache_latents(cfg, args.out, args.dtype, args.batch_size, device, part)
         print(
             f"cached {info['samples_written']} samples into {info['shards_written']} shards "
             f"({info['shards_kept']} already there); train from them with:\n"

@@ -13,7 +13,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import ldm_train.data.bucket_sizes  # noqa: F401  (registers the ${bucket_sizes:...} resolver)
-import ldm_train.rundir  # noqa: F401  (registers the ${run_export:...} resolver the config uses)
+import ldm_train.data.datamodule  # noqa: F401  (${shards_name:...}, data=webdataset's name)
+import ldm_train.pretrained  # noqa: F401  (${pretrained_schedule:...})
+import ldm_train.rundir  # noqa: F401  (registers ${run_dir:...} and ${run_export:...})
 from ldm_train.errors import UserError, check_keys
 
 __all__ = ["check_overrides", "compose_config", "config_dir"]

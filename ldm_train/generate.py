@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_train import cli
+from ldm_train import cli, progress
 from ldm_train.atomic import check_ours, write_folder
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
@@ -74,7 +74,8 @@ def generate(args) -> int:
         prompts = [""]  # an unconditional model
     options = cli.sampling_options(args, pipeline.sampling)
     size = [pipeline.image_size if side is None else side for side in (args.width, args.height)]
-    images = pipeline.generate(prompts, args.n, options, size=size)
+    with progress.shown():
+        images = pipeline.generate(prompts, args.n, options, size=size)
     write_folder(
         out,
         lambda folder: save_images(images, prompts, args.n, options.seed, folder),

@@ -2,8 +2,9 @@
 initialised).
 
     stage=unet  a UNet2DConditionModel folder (config.json + weights), or a pipeline folder: its
-                unet/ (Stable Diffusion's, or a stage=unet export)
-    stage=vae   an AutoencoderKL folder, or a pipeline folder: its vae/
+                unet/ (Stable Diffusion's, or a stage=unet export), or a single-file checkpoint
+                (.safetensors / .ckpt; its architecture: model.pretrained_config)
+    stage=vae   an AutoencoderKL folder, or a pipeline folder: its vae/, or a single file
     stage=clip  a CLIP export or open_clip hub folder (open_clip_config.json), NAME:FILE (open_clip's
                 model card NAME and a weights file), or a weights file for the preset's model card
 
@@ -12,6 +13,11 @@ NAME), and model.net's sizes are not used. A bare weights file has no config: it
 (model=clip/ViT-H-14 for ViT-H-14 weights), and weights that do not fit it stop the run with one
 line naming the first difference. Reading never runs code: safetensors, or torch files with
 weights_only=True, from disk only.
+
+The U-Net's noise schedule facts (prediction_type, betas, timesteps) come from the pretrained
+pipeline's scheduler unless the config sets them: ${pretrained_schedule:KEY,DEFAULT} in the presets
+and stage=unet's config (a resolver registered here), so an SD 2.x v-prediction model is fine-tuned
+as v-prediction without being told.
 
 The weights are loaded when the stage is built, so the first step starts from exactly them with a
 fresh optimizer and data position (a new run directory, or resume=never); a resumed run loads its
@@ -29,7 +35,7 @@ from typing import Any
 import open_clip
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_train.diffusion.pipeline import pipeline_part
 from ldm_train.diffusion.text_encoder import parse_named
@@ -42,6 +48,7 @@ from ldm_train.formats.clip_model import (
     read_weights,
 )
 from ldm_train.safety import check_safetensors
+from ldm_train.formats.single_file import is_single_file, load_single_file, schedule_source
 from ldm_train.train import build
 
 log = logging.getLogger(__name__)
@@ -62,21 +69,41 @@ def is_pretrained(net: object) -> bool:
     return getattr(net, SOURCE, None) is not None
 
 
-def unet_net(net: DictConfig, pretrained: str | None = None) -> Any:
+def unet_net(net: DictConfig, pretrained: str | None = None, config: str | None = None) -> Any:
     """stage=unet's net: the preset (a partial whose null sizes the stage fills from the VAE and
-    the text encoder) or the U-Net of `pretrained`."""
+    the text encoder) or the U-Net of `pretrained` (config: a single file's architecture)."""
     if pretrained is None:
         return build(net)
-    folder = model_folder(pretrained, "unet", UNet2DConditionModel)
-    return marked(read_model(UNet2DConditionModel, folder), folder)
+    return read_pretrained(UNet2DConditionModel, "unet", pretrained, config)
 
 
-def vae_net(net: DictConfig, pretrained: str | None = None) -> AutoencoderKL:
+def vae_net(
+    net: DictConfig, pretrained: str | None = None, config: str | None = None
+) -> AutoencoderKL:
     """stage=vae's net: the preset's AutoencoderKL or the one of `pretrained`."""
     if pretrained is None:
         return build(net)
-    folder = model_folder(pretrained, "vae", AutoencoderKL)
-    return marked(read_model(AutoencoderKL, folder), folder)
+    return read_pretrained(AutoencoderKL, "vae", pretrained, config)
+
+
+def read_pretrained(cls: type, part: str, pretrained: str, config: str | None) -> Any:
+    """A diffusers model from a folder (its own, or a pipeline's part) or a single file."""
+    if is_single_file(pretrained):
+        return marked(load_single_file(cls, pretrained, part, config), pretrained)
+    folder = model_folder(pretrained, part, cls)
+    return marked(read_model(cls, folder), folder)
+
+
+def pretrained_schedule(key: str, default: Any, *, _root_: DictConfig) -> Any:
+    """${pretrained_schedule:KEY,DEFAULT}: KEY of model.pretrained's scheduler (or of
+    model.pretrained_config's), else DEFAULT; an override of the key itself wins over both."""
+    pretrained = OmegaConf.select(_root_, "model.pretrained", default=None)
+    config = OmegaConf.select(_root_, "model.pretrained_config", default=None)
+    value = schedule_source(pretrained, config).get(key) if pretrained else None
+    return default if value is None else value
+
+
+OmegaConf.register_new_resolver("pretrained_schedule", pretrained_schedule, replace=True)
 
 
 def clip_net(
@@ -125,7 +152,10 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
     path = Path(path)
     folder = pipeline_part(path, part) or path
     config = folder / cls.config_name
-    accepted = f"stage={part} takes a {cls.__name__} folder or a diffusers pipeline folder"
+    accepted = (
+        f"stage={part} takes {cls.__name__} weights: their folder, a diffusers pipeline folder "
+        f"(its {part}/) or a single file (.safetensors, .ckpt)"
+    )
     if not config.is_file():
         found = "no config.json there" if path.exists() else "nothing there"
         raise UserError(f"model.pretrained={path}: {found} nor in {part}/; {accepted}")
@@ -135,7 +165,9 @@ def model_folder(path: str | Path, part: str, cls: type) -> Path:
         raise UserError(f"model.pretrained={path}: {config} is not a model config (a JSON object)")
     name = fields.get("_class_name") or fields.get("model_type") or "model of another kind"
     if name != cls.__name__:
-        raise UserError(f"model.pretrained={path}: {config} is a {name}; {accepted}")
+        raise UserError(
+            f"model.pretrained={path}: {config} is {name}'s, not {cls.__name__}'s; {accepted}"
+        )
     return folder
 
 

@@ -32,13 +32,27 @@ WARNINGS = (
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to "
     r"be provided during `Trainer` instantiation\. Please add the following callbacks: "
     r"\[\"StepCheckpoint\{[^\]]*\}\"\]\.$",
+    # DDP's reducer, when a parameter's gradient has another memory layout than its bucket (e.g.
+    # with perf.channels_last): "not an error, but may impair performance", once, about its own
+    # bucketing; nothing a user can change short of turning the speed switch off.
+    r"Grad strides do not match bucket view strides",
+    # diffusers' from_single_file passes huggingface_hub an argument the hub has deprecated (it
+    # looks for an architecture in the local cache: nothing is downloaded).
+    r"The `local_dir_use_symlinks` argument is deprecated",
 )
 
 # Log records (logger name -> message prefixes) that are advertisements or advice that does not
 # apply: Lightning's tips for its cloud products, and diffusers' advice to install accelerate
 # (which only speeds up loading very large models; ours load correctly without it).
 LOG_NOTES = {
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:",),
+    # ... and which accelerators it did not find besides the GPU (no TPU or HPU user needs telling).
+    # ... and why fit stopped at max_steps (our stage's last line says how many steps it ran).
+    "lightning.pytorch.utilities.rank_zero": (
+        "💡 Tip:",
+        "TPU available:",
+        "HPU available:",
+        "`Trainer.fit` stopped: `max_steps=",
+    ),
     "diffusers.models.modeling_utils": ("Cannot initialize model with low cpu memory usage",),
     "diffusers.pipelines.pipeline_utils": ("Cannot initialize model with low cpu memory usage",),
 }

@@ -1,7 +1,8 @@
 """The run directory: one module knows where a run keeps its config, checkpoints, export and W&B
 id; train, export, the chain and the tests ask it.
 
-    outputs/<experiment>/<stage>/      paths.run_dir (a multirun job: its sweep subfolder)
+    outputs/<experiment>/<stage>/      paths.run_dir (a multirun job: its sweep subfolder); a run
+    outputs/<experiment>/<stage>-2/    with other settings than the one there: the next free number
       config.yaml                      the resolved config of the run
       checkpoints/last.ckpt            what resume=auto continues from
       checkpoints/step<N>.ckpt         every checkpoint_every_n_steps (newest keep_last_checkpoints)
@@ -9,13 +10,19 @@ id; train, export, the chain and the tests ask it.
       wandb_run_id                     the W&B run a resumed run continues
       run.lock                         held while a run writes here (pid, host)
 
-The config spells another stage's export as ${run_export:vae} (a resolver registered here), so the
-layout is written down once.
+Which folder a run takes (${run_dir:<base>}, paths.run_dir): with resume=auto, the folder of the
+same run (same settings: SAME_RUN) if there is one, so that rerunning a command continues it;
+else the base folder if it is free, else the first free <base>-N, and the log says why. The
+config spells another stage's export as ${run_export:vae}: the newest export of that stage in the
+experiment (any of its numbered folders). Both resolvers are registered here, so the layout is
+written down once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import itertools
 import json
 import logging
 import os
@@ -28,8 +35,10 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train.atomic import write_text
 from ldm_train.checkpoints import check_stage, unreadable
 from ldm_train.errors import UserError, first_line
+from ldm_train.same_run import config_changes
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +51,6 @@ LOCK = "run.lock"
 # auto: continue from the newest checkpoint that loads, refusing a changed config; force: continue
 # even so; never: start afresh (earlier checkpoints moved aside).
 RESUME_MODES = ("auto", "force", "never")
-# What a resumed run must keep to be the same run (config sections and trainer keys); keys under
-# them that may change between a run and its resume (they do not change what is trained).
-SAME_RUN = (
-    "seed",
-    "model",
-    "stage",
-    "data",
-    "optimizer",
-    "lr_scheduler",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val",
-)
-MAY_CHANGE = (
-    "lr_scheduler.training_steps",  # follows trainer.max_steps, which a resume may raise
-    "stage.module.lr_scheduler.training_steps",
-    "stage.module.perf",  # speed switches: the same training, faster
-    "data.num_workers",
-    # what validation looks at, not what trains
-    "data.val_urls",
-    "data.val_batch_size",
-    "data.prompts",
-    "data.zero_shot",
-    "stage.module.validation",
-    "stage.module.zero_shot",
-    "stage.module.grid_images",
-    "stage.chain",
-    "stage.evaluate",
-)
 
 
 @dataclass(frozen=True)
@@ -109,6 +89,21 @@ class RunDir:
     @property
     def wandb_id(self) -> Path:
         return self.path / WANDB_ID
+
+    def saved_config(self) -> DictConfig | None:
+        """The config.yaml of the run here; None if there is none (or it cannot be read)."""
+        try:
+            return OmegaConf.load(self.config) if self.config.is_file() else None
+        except Exception:  # noqa: BLE001 - a broken file holds no run we could continue
+            return None
+
+    def save_config(self, cfg: DictConfig, resolve: bool = True) -> None:
+        """The config (without Hydra's own node; resolved unless told), written whole: other
+        processes choose their folder by reading it. Logs why this run took a numbered folder."""
+        if rank_zero_only.rank == 0 and str(self.path.resolve()) in CHOSEN:
+            log.info("%s", CHOSEN.pop(str(self.path.resolve())))
+        own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        write_text(self.config, OmegaConf.to_yaml(own, resolve=resolve))  # beside, then renamed
 
     def find_checkpoint(self) -> Path:
         """last.ckpt, for commands given a run directory instead of a checkpoint file."""
@@ -283,33 +278,75 @@ def first_interpolation(node: object, where: str = "") -> tuple[str, str] | None
     return None
 
 
-def flatten(node: dict, prefix: str = "") -> dict[str, object]:
-    items: dict[str, object] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            items |= flatten(value, f"{name}.")
-        else:
-            items[name] = value
-    return items
+
+def numbered(base: Path) -> Iterator[RunDir]:
+    """base, base-2, base-3, ...: the folders runs of one experiment and stage take, in order."""
+    yield RunDir(base)
+    for number in itertools.count(2):
+        yield RunDir(base.with_name(f"{base.name}-{number}"))
 
 
-def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
-    """Keys of the SAME_RUN sections whose values differ ("key: old -> new")."""
-    old, new = (flatten(OmegaConf.to_container(c, resolve=True)) for c in (saved, current))
-    keys = sorted(
-        key
-        for key in old.keys() | new.keys()
-        if any(key == s or key.startswith(f"{s}.") for s in SAME_RUN)
-        and not any(key == m or key.startswith(f"{m}.") for m in MAY_CHANGE)
-        and old.get(key) != new.get(key)
-    )
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys]
+def existing(base: Path) -> list[RunDir]:
+    """base and its numbered folders that exist, in number order."""
+    found = {base.name: RunDir(base)} if base.is_dir() else {}
+    for path in base.parent.glob(f"{glob.escape(base.name)}-*"):
+        if path.name.removeprefix(f"{base.name}-").isdigit() and path.is_dir():
+            found[path.name] = RunDir(path)
+    return sorted(found.values(), key=lambda run: (len(run.path.name), run.path.name))
 
 
-def run_export(stage: str, *, _root_) -> str:
-    """${run_export:<stage>} in the config: that stage's export folder in this experiment."""
-    return str(RunDir.of_stage(_root_.paths.output_root, _root_.experiment_name, stage).export)
+# Why a run went to a numbered folder, logged by the run (train) once logging is set up: Hydra
+# resolves paths.run_dir before it configures logging.
+CHOSEN: dict[str, str] = {}
+
+
+def choose_run_dir(base: Path, cfg: DictConfig) -> RunDir:
+    """resume=auto's folder: the one holding this run (same settings), else the first free one."""
+    others = []
+    for run in existing(base):
+        saved = run.saved_config()
+        if saved is not None:
+            changes = config_changes(saved, cfg)
+            if not changes:
+                return run
+            others.append((run, changes))
+    free = next(run for run in numbered(base) if run.saved_config() is None)
+    if others:
+        nearest, changes = others[0]
+        shown = ", ".join(changes[:4]) + (
+            f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        )
+        held = f"{nearest.path}" + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
+        CHOSEN[str(free.path.resolve())] = (
+            f"{held} holds a run with other settings ({shown}): this one goes to {free.path} "
+            f"(resume=force paths.run_dir={nearest.path} continues that one instead)"
+        )
+    return free
+
+
+def run_dir(base: str, *, _root_: DictConfig) -> str:
+    """${run_dir:<base>} in the config (paths.run_dir): resume=auto's choice; base otherwise (a
+    given ckpt_path, resume=never or force: the folder as named). Chosen again at every access
+    (OmegaConf caches no resolver of the whole config): train() and the CLI pin the answer."""
+    if _root_.get("resume") != "auto" or _root_.get("ckpt_path"):
+        return base
+    return str(choose_run_dir(Path(base), _root_).path)
+
+
+def run_export(stage: str, *, _root_: DictConfig) -> str:
+    """${run_export:<stage>} in the config: that stage's newest export in this experiment (of its
+    run folders, the one whose export was written last); the unnumbered folder's if none is."""
+    base = RunDir.of_stage(_root_.paths.output_root, _root_.experiment_name, stage)
+    exports = [run.export for run in existing(base.path) if run.export.is_dir()]
+    newest = max(exports, key=written_at, default=base.export)
+    return str(newest)
+
+
+def written_at(folder: Path) -> float:
+    """When the files of a folder were last written (not the folder's own mtime, which overwriting
+    a file does not change)."""
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
 
 
 OmegaConf.register_new_resolver("run_export", run_export, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)

@@ -55,7 +55,7 @@ PARTS = {
         "ldm_train.nets.discriminator.NLayerDiscriminator",
         "ldm_train.diffusion.schedule.build_noise_scheduler",
         "ldm_train.diffusion.latents.LatentEncoder",
-        "ldm_train.diffusion.frozen.load_vae",
+        "ldm_train.formats.vae_folder.load_vae",
         "ldm_train.diffusion.conditioning.Conditioning",
         "ldm_train.diffusion.text_encoder.load_text_encoder",
         "ldm_train.diffusion.loss.DiffusionObjective",
@@ -66,7 +66,8 @@ PARTS = {
         "open_clip.tokenizer.SimpleTokenizer",
     )
 } | {
-    "ldm_train.diffusion.upstream.load_vae": "ldm_train.diffusion.frozen:load_vae",
+    "ldm_train.diffusion.upstream.load_vae": "ldm_train.formats.vae_folder:load_vae",
+    "ldm_train.diffusion.frozen.load_vae": "ldm_train.formats.vae_folder:load_vae",
     "ldm_train.text_encoder.load_text_encoder": "ldm_train.diffusion.text_encoder:load_text_encoder",
 }
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}

@@ -15,7 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -129,6 +134,8 @@ def build_callbacks(cfg: DictConfig, logger: Logger | None) -> list[L.Callback]:
     ]
     if logger is None:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return callbacks
 
 
@@ -164,12 +171,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = RunDir(cfg.paths.run_dir)
+    cfg.paths.run_dir = str(run.path)  # chosen once (ldm_train.rundir.run_dir)
     # Rank 0 holds the run directory (the processes a launcher starts for other ranks join it).
     with run.lock() if rank_zero_only.rank == 0 else contextlib.nullcontext():
         ckpt_path = run.resume_checkpoint(cfg.resume, cfg.get("ckpt_path"), cfg.stage.name)
         if ckpt_path is not None:
             run.check_same_run(cfg, cfg.resume)
-        write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))  # beside, then renamed
+        run.save_config(cfg)
         return fit(cfg, run, ckpt_path)
 
 

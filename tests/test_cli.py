@@ -3,6 +3,7 @@ W&B offline without a prompt, one-line errors, a 2-job multirun, and an installe
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -24,11 +25,23 @@ QUICK = [
 ]
 
 
+LIBRARY_WARNING = re.compile(r"Warning\b|warnings\.warn|^\s*warn", re.IGNORECASE | re.MULTILINE)
+
+
 def test_fresh_directory_makes_data_trains_and_logs_offline(tmp_path, run_cli):
     # No W&B credentials, no WANDB_MODE, no stdin: must run offline without asking anything.
-    result = run_cli(["-m", "ldm_train", "stage=vae", *QUICK], tmp_path, HOME=str(tmp_path))
+    # The console of a default run (progress bar on): the step counter against max_steps, no
+    # epoch counter of an endless stream, no model-summary table, no library warning.
+    quick = [o for o in QUICK if o != "trainer.enable_progress_bar=false"]
+    result = run_cli(["-m", "ldm_train", "stage=vae", *quick], tmp_path, HOME=str(tmp_path))
+    console = result.stdout + result.stderr
     run_dir = tmp_path / "outputs" / "shapes" / "vae"
-    assert f"outputs in {run_dir}" in result.stdout + result.stderr
+    assert f"outputs in {run_dir}" in console
+    assert "vae  step 2/2" in console and "validation at step 2: " in console
+    assert "parameters: " in console and "trainable" in console
+    for noise in ("Epoch", "/-2", "v_num", "FLOPs", "TPU available", "fit` stopped"):
+        assert noise not in console, noise
+    assert not LIBRARY_WARNING.search(console), LIBRARY_WARNING.search(console)
     assert (tmp_path / "data" / "shapes-32" / "train-000015.tar").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()

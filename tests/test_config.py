@@ -190,3 +190,46 @@ def test_the_run_directory_layout_has_one_home(tmp_path):
     assert RunDir.of_checkpoint(run.last_checkpoint) == RunDir(run.path.resolve())
     with pytest.raises(UserError, match=f"no checkpoint at {run.last_checkpoint}"):
         run.find_checkpoint()
+
+
+def test_a_run_with_other_settings_takes_the_next_free_folder_and_says_why(make_cfg, caplog):
+    """resume=auto: the folder of the same run (rerunning continues it), else the first free
+    <stage>-N; a stage's newest export is what the next stage takes."""
+    first = make_cfg("stage=vae")
+    base = RunDir(first.paths.run_dir)
+    assert base.path.name == "vae"
+    base.path.mkdir(parents=True)
+    base.save_config(first)
+    assert make_cfg("stage=vae", "trainer.max_steps=100").paths.run_dir == str(base.path)
+    other = make_cfg("stage=vae", "model.lr=0.5")
+    second = RunDir(other.paths.run_dir)
+    assert second.path == base.path.with_name("vae-2")
+    second.path.mkdir()
+    with caplog.at_level("INFO", logger="ldm_train.rundir"):
+        second.save_config(other)
+    assert f"{base.path} holds a run with other settings (model.lr: 0.002 -> 0.5)" in caplog.text
+    assert make_cfg("stage=vae", "model.lr=0.5").paths.run_dir == str(second.path)
+    assert make_cfg("stage=vae", "seed=3").paths.run_dir == str(base.path.with_name("vae-3"))
+    for mode in ("force", "never"):  # the folder as named
+        assert make_cfg("stage=vae", "model.lr=0.5", f"resume={mode}").paths.run_dir == str(
+            base.path
+        )
+    # stage=unet takes the newest export of the experiment's vae runs.
+    for run in (second, base):
+        run.export.mkdir()
+        (run.export / "config.json").write_text("{}")
+        time.sleep(0.02)
+    assert make_cfg("stage=unet").stage.vae == str(base.export)
+
+
+def test_own_shards_name_their_experiment(tmp_path):
+    def experiment(urls: str) -> str:
+        return compose_config(["data=webdataset", f"data.train_urls='{urls}'"]).experiment_name
+
+    assert experiment("data/photos/train-{000000..000009}.tar") == "photos"
+    assert experiment("pipe:aws s3 cp s3://bucket/sets/cats/{000..099}.tar -") == "cats"
+    cache = tmp_path / "outputs" / "photos" / "latents"
+    cache.mkdir(parents=True)
+    source = {"source_urls": ["data/photos/train-000000.tar"]}
+    (cache / "cache.json").write_text(json.dumps(source))
+    assert experiment(f"{cache}/train-{{000000..000003}}.tar") == "photos"  # the cache's source

@@ -224,3 +224,45 @@ def test_cli_exit_code_2_on_missing_or_empty_folder(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1 and "no such folder" in missing.stderr
     (tmp_path / "empty").mkdir()
     assert convert.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"]) == 2
+
+
+def test_val_fraction_holds_out_a_seeded_share_and_prints_both_keys(tmp_path, capsys):
+    src = tmp_path / "src"
+    for i in range(10):
+        add(src, f"{i}.png", noise(seed=i), f"picture {i}")
+    out = tmp_path / "out"
+    reports = convert.convert_split(src, out, val_fraction=0.2, shard_size=4, progress=False)
+    train, val = (read_samples([str(p) for p in reports[s].shards]) for s in ("train", "val"))
+    assert (len(train), len(val)) == (8, 2)
+    captions = {s["txt"] for s in train} | {s["txt"] for s in val}
+    assert len(captions) == 10  # every image in exactly one split
+    again = convert.convert_split(src, tmp_path / "again", 0.2, progress=False)["val"]
+    assert [s["txt"] for s in read_samples([str(p) for p in again.shards])] == [
+        s["txt"] for s in val
+    ]  # the same seed holds out the same images
+    assert convert.main([str(src), str(tmp_path / "cli"), "--val-fraction", "0.2", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("  python -m ldm_train stage=all data=webdataset ")
+    assert f"\"data.train_urls='{tmp_path / 'cli'}/train-000000.tar'\"" in printed
+    assert f"\"data.val_urls='{tmp_path / 'cli'}/val-000000.tar'\"" in printed
+    assert convert.main([str(src), str(tmp_path / "v"), "--prefix", "val", "--quiet"]) == 0
+    assert "data.val_urls=" in capsys.readouterr().out  # a val folder converted on its own
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        convert.convert_split(src, out, val_fraction=1.0)
+
+
+def test_caption_files_and_folder_repeats(tmp_path):
+    """A .caption beside an image serves when there is no .txt; a kohya folder "3_dog" writes its
+    images 3 times (each its own key), only with folder_repeats."""
+    src = tmp_path / "src"
+    add(src, "3_dog/a.png", noise(seed=1), None)
+    (src / "3_dog" / "a.caption").write_text("dog, sitting, grass")
+    add(src, "other/b.png", noise(seed=2), "from the txt")
+    (src / "other" / "b.caption").write_text("the txt wins")
+    plain = convert_folder(src, tmp_path / "plain", progress=False)
+    samples = read_samples([str(p) for p in plain.shards])
+    assert sorted(s["txt"] for s in samples) == [b"dog, sitting, grass", b"from the txt"]
+    repeated = convert_folder(src, tmp_path / "rep", progress=False, folder_repeats=True)
+    keys = [s["__key__"] for s in read_samples([str(p) for p in repeated.shards])]
+    assert repeated.written == 4 and len(set(keys)) == 4
+    assert sorted(keys) == ["3_dog_a", "3_dog_a_r1", "3_dog_a_r2", "other_b"]

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import ldm_train.diffusion.pipeline as pipeline_module
-from ldm_train.chain import stage_overrides
+from ldm_train.chain import chain_prompts, stage_overrides
 from ldm_train.config import compose_config
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.evaluate import main as evaluate_main
 from ldm_train.generate import main
+from ldm_train.metrics.reference import loader_options, read_validation
 
 
 def test_export_is_self_contained_and_matches_the_trained_module(trained, tmp_path):
@@ -91,6 +92,28 @@ def test_generate_draws_what_the_export_recorded_unless_told(trained, tmp_path, 
     assert drawn[-1][0] == SamplingOptions(**recorded)
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert metrics["settings"]["sampling"] == recorded
+
+
+def test_generate_shows_its_progress(trained, tmp_path, capsys):
+    args = [str(trained[1]), "--prompt", "a red circle", "--n", "2", "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    shown = capsys.readouterr().err
+    assert "sampling" in shown and "3/3" in shown  # one batch of 3 sampling steps
+
+
+def test_the_chain_without_prompts_generates_for_val_captions(make_cfg, tiny_shards):
+    """Own data has no data.prompts: stage=all's check generates for the val shards' captions,
+    with their sample json as labels (the shapes data's json names shape and colour)."""
+    cfg = make_cfg("stage=all", "data.prompts=null", "stage.evaluate.max_prompts=3")
+    prompts, captions, labels = chain_prompts(cfg, 32)
+    expected = read_validation(tiny_shards["val_urls"], loader_options({}, 32), 3)
+    assert prompts == captions == expected.captions and labels == expected.metas
+    assert {"shape", "colour"} <= set(labels[0])
+    assert chain_prompts(make_cfg("stage=all", "data.prompts=null", "data.val_urls=null"), 32) == (
+        [],
+        [],
+        [],
+    )
 
 
 def test_generate_cli_errors_are_one_line(trained, tmp_path, capsys):

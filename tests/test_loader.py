@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import random
 import signal
 import tarfile
 import threading
@@ -17,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm_train.data import samples
+from ldm_train.data.captions import shuffle_tags
 from ldm_train.data.datamodule import WebDataModule, check_shards_exist, expand_urls
 from ldm_train.data.stream import LoaderConfig, NoValidSamplesError, build_pipeline, to_rgb
 from ldm_train.errors import UserError
@@ -542,3 +545,37 @@ def test_from_config_bad_crop(make_cfg):
     with pytest.raises(UserError, match="diagonal") as error:
         WebDataModule.from_config(make_cfg("data.crop=diagonal").data)
     assert "center" in str(error.value) and "random" in str(error.value)
+
+
+# ---------------------------------------------------------------- tag captions
+
+
+def test_shuffle_tags_keeps_the_first_tags_and_reorders_the_rest_per_draw(tmp_path):
+    assert shuffle_tags("sks dog, red, grass", None, random.Random(0)) == "sks dog, red, grass"
+    tags = "sks dog, red collar, grass, sunny, close-up, smiling"
+    draws = {shuffle_tags(tags, 1, random.Random(seed)) for seed in range(20)}
+    assert len(draws) > 1 and all(d.startswith("sks dog, ") for d in draws)
+    assert all(sorted(d.split(", ")) == sorted(tags.split(", ")) for d in draws)
+    # In the loader: drawn from each sample's place in the stream (the same run, the same
+    # captions); validation reads captions as written.
+    url = write_tar(tmp_path / "tags.tar", [good(f"k{i}", txt=tags.encode()) for i in range(16)])
+    cfg = loader_cfg(shuffle_tags=1, random_flip=False, batches_per_epoch=2)
+
+    def captions(train: bool) -> list[str]:
+        batches = build_pipeline([url], cfg, train=train)
+        return [c for batch in itertools.islice(batches, 2) for c in batch["caption"]]
+
+    first = captions(train=True)
+    assert first == captions(train=True) and len(set(first)) > 1
+    assert set(captions(train=False)) == {tags}
+
+
+def test_a_local_wildcard_names_the_shards_it_matches(tmp_path):
+    for name in ("train-000001.tar", "train-000000.tar", "val-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_urls(f"{tmp_path}/train-*.tar") == [
+        f"{tmp_path}/train-000000.tar",
+        f"{tmp_path}/train-000001.tar",
+    ]
+    assert expand_urls(f"{tmp_path}/none-*.tar") == [f"{tmp_path}/none-*.tar"]  # reported missing
+    assert expand_urls("pipe:cat x-*.tar") == ["pipe:cat x-*.tar"]  # not a local path

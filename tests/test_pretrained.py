@@ -6,6 +6,7 @@ one line. SD's transformers text encoder also feeds the latent cache."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ldm_train.cache_latents import cache_latents
 from ldm_train.data.datamodule import WebDataModule
@@ -155,10 +157,10 @@ def test_wrong_kinds_and_misfits_are_one_line_errors(tiny_sd, make_cfg, tmp_path
     (tmp_path / "config_only").mkdir()
     shutil.copy(sd / "vae" / "config.json", tmp_path / "config_only")
     for stage, source, expected in [
-        ("unet", sd / "vae", "is a AutoencoderKL; stage=unet takes a UNet2DConditionModel folder"),
-        ("vae", sd / "unet", "is a UNet2DConditionModel; stage=vae takes a AutoencoderKL folder"),
+        ("unet", sd / "vae", "is AutoencoderKL's, not UNet2DConditionModel's; stage=unet takes"),
+        ("vae", sd / "unet", "is UNet2DConditionModel's, not AutoencoderKL's; stage=vae takes"),
         ("unet", tmp_path / "missing", "nothing there nor in unet/"),
-        ("vae", sd / "text_encoder", "is a clip_text_model; stage=vae takes"),
+        ("vae", sd / "text_encoder", "is clip_text_model's, not AutoencoderKL's"),
         ("clip", tmp_path / "missing", "not a CLIP export"),
         ("vae", tmp_path / "config_only", "no safetensors weights in"),
     ]:
@@ -185,3 +187,62 @@ def test_sd_text_encoder_feeds_the_latent_cache(tiny_sd, make_cfg, tmp_path):
     for batch_idx in (0, 1):  # different dropped captions: "" from SD's text encoder
         expected = plain.training_step(image_batch, batch_idx)
         assert torch.allclose(cached.training_step(cached_batch, batch_idx), expected, atol=1e-5)
+
+
+def test_the_noise_schedule_comes_from_the_pretrained_pipeline_unless_set(
+    tiny_sd, make_cfg, tmp_path
+):
+    """SD 2.x's 768 models predict v: fine-tuned from such a pipeline, the U-Net trains v without
+    being told; a value the user sets wins."""
+    sd = tmp_path / "sd-v"
+    shutil.copytree(tiny_sd[1], sd)
+    scheduler = sd / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())  # DDIMScheduler's defaults: linear, 1e-4 .. 0.02
+    scheduler.write_text(json.dumps(config | {"prediction_type": "v_prediction"}))
+
+    def schedule(*overrides: str) -> dict:
+        cfg = make_cfg("stage=unet", "model=unet/sd15", *overrides)  # the preset says epsilon
+        return OmegaConf.to_container(cfg.stage.module.noise_scheduler, resolve=True)
+
+    assert schedule()["prediction_type"] == "epsilon"
+    taken = schedule(f"model.pretrained={sd}")
+    assert taken["prediction_type"] == "v_prediction" and taken["beta_schedule"] == "linear"
+    assert (taken["beta_start"], taken["beta_end"]) == (config["beta_start"], config["beta_end"])
+    assert schedule(f"model.pretrained={sd / 'unet'}")["prediction_type"] == "v_prediction"
+    told = schedule(f"model.pretrained={sd}", "model.prediction_type=epsilon")
+    assert told["prediction_type"] == "epsilon"
+    built = instantiate(
+        make_cfg("stage=unet", f"model.pretrained={sd}").stage.module.noise_scheduler
+    )
+    assert built.config.prediction_type == "v_prediction"
+    # A single file's original LDM config says it too (parameterization: v).
+    original = tmp_path / "v2-inference-v.yaml"
+    original.write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.001\n")
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"")
+    from_yaml = schedule(f"model.pretrained={weights}", f"model.pretrained_config={original}")
+    assert from_yaml["prediction_type"] == "v_prediction" and from_yaml["beta_start"] == 0.001
+
+
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_a_single_file_checkpoint_loads_through_diffusers(tiny_sd, make_cfg, tmp_path, part):
+    """The one weights file diffusers' save_pretrained wrote, and a .ckpt holding it as a
+    state_dict, with the architecture from a folder of the same model: from_single_file, from disk
+    only (no other file of that folder is read for the weights)."""
+    sd = tiny_sd[1]
+    single = sd / part / "diffusion_pytorch_model.safetensors"  # saved by diffusers
+    weights = safetensors.torch.load_file(single)
+    ckpt = tmp_path / f"{part}.ckpt"
+    torch.save({"state_dict": weights}, ckpt)
+    upstream = [f"stage.vae={sd}", f"stage.text_encoder={sd}"] if part == "unet" else []
+    for source in (single, ckpt):
+        cfg = make_cfg(
+            f"stage={part}",
+            *upstream,
+            f"model.pretrained={source}",
+            f"model.pretrained_config={sd}",
+        )
+        module = instantiate(cfg.stage.module)
+        assert equal_states(module.net.state_dict(), weights) and module.net.training
+    message = one_line_error(make_cfg(f"stage={part}", *upstream, f"model.pretrained={ckpt}"))
+    assert "no model.pretrained_config" in message and "model.pretrained_config=FOLDER" in message

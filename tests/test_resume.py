@@ -86,7 +86,7 @@ def test_resumed_run_sees_the_same_data_and_ends_with_the_same_weights(make_cfg,
 def test_a_damaged_last_checkpoint_resumes_from_the_newest_good_one_exactly(make_cfg):
     straight = run(make_cfg, 12, 0, "experiment_name=straight")
     first = run(make_cfg, 8, 0, "experiment_name=cut", "checkpoint_every_n_steps=4")
-    last = RunDir(make_cfg("experiment_name=cut").paths.run_dir).last_checkpoint
+    last = RunDir.of_stage(make_cfg().paths.output_root, "cut", "clip").last_checkpoint
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed during the write
     resumed = run(make_cfg, 12, 0, "experiment_name=cut", "checkpoint_every_n_steps=4")
     assert first.seen + resumed.seen == straight.seen  # from step00000008.ckpt

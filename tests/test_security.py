@@ -114,12 +114,12 @@ def test_a_target_that_runs_code_in_a_run_config_is_refused(vae_run, tmp_path):
 
 
 def test_a_registered_part_takes_only_its_own_fields_and_plain_values():
-    vae = {"_target_": "ldm_train.diffusion.frozen.load_vae", "path": None}
+    vae = {"_target_": "ldm_train.formats.vae_folder.load_vae", "path": None}
     check_node(vae, "x", "config.yaml", Trusted())
     for bad, message in [
         (
             {**vae, "shell": "x"},
-            "x.shell is not a parameter of ldm_train.diffusion.frozen.load_vae",
+            "x.shell is not a parameter of ldm_train.formats.vae_folder.load_vae",
         ),
         ({**vae, "path": "pipe:touch /tmp/x"}, "x.path='pipe:touch /tmp/x' is a pipe: URL"),
         ({**vae, "path": "https://example.com/v"}, "is a https: URL, which would run a program"),

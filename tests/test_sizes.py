@@ -187,29 +187,26 @@ class FirstWeights(L.Callback):
 
 
 def test_a_unet_continues_from_earlier_weights_at_a_new_image_size(trained, unet_cfg):
-    """What `model.pretrained=<run>/export resume=never data.image_size=48` does, with the net
-    loaded by from_pretrained: the earlier weights, 48 px batches, a fresh optimizer and step."""
-    # TODO(lead): with model.pretrained merged, compose "model.pretrained=<export>" instead.
-    unet_dir = trained[1] / "unet"
+    """`model.pretrained=<run>/export resume=never data.image_size=48`: the earlier weights, 48 px
+    batches, a fresh optimizer and step; the export draws 48 px by default, in diffusers too."""
     cfg = unet_cfg(
         "data.image_size=48",
         "resume=never",
         "trainer.max_steps=2",
-        "~model.net",
-        "+model.net={_target_:diffusers.UNet2DConditionModel.from_pretrained,"
-        f"pretrained_model_name_or_path:'{unet_dir}'}}",
+        f"model.pretrained={trained[1]}",
         f"+callbacks.first={{_target_:{__name__}.FirstWeights}}",
         LOG_SHAPES,
     )
     metrics, objects = train(cfg)
     first = next(c for c in objects["trainer"].callbacks if isinstance(c, FirstWeights))
+    unet_dir = trained[1] / "unet"
     earlier = safetensors.torch.load_file(unet_dir / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(first.weights[k], earlier[k]) for k in earlier)
     assert shape_log(objects) == [(8, 3, 48, 48)] * 2 and objects["trainer"].global_step == 2
-    assert (
-        json.loads((objects["export_dir"] / "ldm_train_pipeline.json").read_text())["image_size"]
-        == 48
-    )
+    export = objects["export_dir"]
+    assert json.loads((export / "ldm_train_pipeline.json").read_text())["image_size"] == 48
+    assert json.loads((unet_dir / "config.json").read_text())["sample_size"] == 8  # 32 px
+    assert json.loads((export / "unet" / "config.json").read_text())["sample_size"] == 12  # 48
     assert torch.isfinite(torch.tensor(metrics["train/mse"]))
 
 

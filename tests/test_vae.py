@@ -308,6 +308,28 @@ def test_export_round_trip_measured_scale_and_image_grid(make_cfg):
         assert grid.size == (8 * 34 + 2, 2 * 34 + 2)  # 8 columns, 2 rows of 32 px + padding
 
 
+@pytest.mark.parametrize("validation", ["at_the_end", "off"])
+def test_a_run_shorter_than_a_validation_interval_exports_a_measured_scale(make_cfg, validation):
+    """val_every_n_steps=100 and 2 steps: the final validation measures the latent scale; with
+    validation off the stage measures it after fit on SCALE_BATCHES batches of the val shards."""
+    off = ["trainer.limit_val_batches=0"] if validation == "off" else []
+    cfg = make_cfg("stage=vae", *SMALL_NET, "val_every_n_steps=100", "logger=none", *off)
+    metrics, objects = train(cfg)
+    module = objects["module"].eval()
+    batches = islice(objects["datamodule"].plain_batches(), VaeStage.SCALE_BATCHES)
+    if validation == "at_the_end":
+        batches = islice(objects["datamodule"].val_dataloader(), 2)  # limit_val_batches=2
+        assert metrics["val/latent_scale"] == pytest.approx(module.latent_scale.item())
+    generator = torch.Generator().manual_seed(VaeStage.LATENT_SEED)
+    with torch.no_grad():
+        latents = torch.cat(
+            [module.net.encode(b["image"]).latent_dist.sample(generator=generator) for b in batches]
+        )
+    scale = 1 / latents.double().std(unbiased=False).item()
+    exported = AutoencoderKL.from_pretrained(objects["export_dir"]).config.scaling_factor
+    assert exported == pytest.approx(scale, rel=1e-5) and exported != 1.0
+
+
 def test_image_grid_goes_to_wandb_tensorboard_or_a_png(tmp_path):
     rows = [torch.zeros(4, 3, 8, 8) - 1, torch.ones(4, 3, 8, 8)]
     grid = image_grid(rows, max_columns=3)

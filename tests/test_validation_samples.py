@@ -58,7 +58,7 @@ def test_val_captions_are_the_prompts_of_an_ema_grid_every_second_validation(une
         f"{VALIDATION}.samples_per_prompt=2",
         f"{VALIDATION}.metric_images=4",  # the first 3 captions' seed-0 images are the grid's
         f"{VALIDATION}.every_n_validations=2",
-        "data.batches_per_epoch=2",  # validations at steps 2 and 4
+        "val_every_n_steps=2",  # validations at steps 2 and 4
         "trainer.limit_val_batches=1",
     )
     metrics, objects = train(cfg)

@@ -145,7 +145,7 @@ class PreemptionCheckpoint(L.Callback):
             Path(checkpoint.dirpath)
             / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
         )
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume from
         log.info(
             "signal received: saved %s at step %d; rerun the command to resume",
             path,

@@ -1,48 +1,45 @@
-"""Convert a folder of images with same-name .txt captions into WebDataset shards.
+"""Convert a folder of images with same-name .txt (or .caption) captions into WebDataset shards.
 
     photos/cat1.jpg + photos/cat1.txt  ->  OUT/train-000000.tar: cat1.jpg, cat1.txt, cat1.json
 
-    python -m ldm_train.data.convert photos/ data/photos --shard-size 1000
+    python -m ldm_train.data.convert photos/ data/photos --val-fraction 0.05
 
 Folders are searched recursively; hidden files and folders (".DS_Store", "._x.jpg") are ignored.
-Files that cannot be used are skipped and reported, never fatal.
+Files that cannot be used are skipped and reported, never fatal. --val-fraction holds out a seeded
+share of the images as OUT/val-*.tar; --folder-repeats writes the images of a folder named
+"<N>_<name>" (kohya's convention, e.g. 10_mydog/) N times into the training shards. The last lines
+printed are the overrides to train with.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
+import random
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
+from ldm_train.data.folder_samples import (
+    IMAGE_EXTENSIONS,
+    SkipSample,
+    encode_image,
+    find_images,
+    read_caption,
+    unique_key,
+)
 from ldm_train.data.shards import shard_glob, shard_urls, shard_writer_pattern
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
-# Formats stored byte for byte, under the sample key that names them.
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# Modes every decoder turns into correct RGB; others (16-bit, float) are rescaled to 8 bit,
-# because PIL's convert("RGB") clips them and a 16-bit photo comes out nearly white.
-EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
-PNG_SAFE_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
-
-SKIP_UNREADABLE_IMAGE = "unreadable image"
-SKIP_MISSING_CAPTION = "missing caption"
-SKIP_CAPTION_NOT_UTF8 = "caption not UTF-8"
-SKIP_EMPTY_CAPTION = "empty caption"
-SKIP_UNREADABLE_CAPTION = "unreadable caption"
 PATHS_SHOWN_PER_REASON = 5
+REPEATS_FOLDER = re.compile(r"^(\d+)_.")  # kohya's "10_name": the folder's images 10 times
 
 
 @dataclass
@@ -59,109 +56,57 @@ class ConvertReport:
         return sum(len(paths) for paths in self.skipped.values())
 
 
-class SkipSample(Exception):
-    """A file that cannot become a sample; the message is the reason reported."""
-
-
-def find_images(src: Path) -> list[Path]:
-    """Image files under src, recursively, in a deterministic (sorted) order."""
-    images = [
-        path
-        for path in src.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(src).parts)
-    ]
-    return sorted(images, key=lambda path: path.relative_to(src).as_posix())
-
-
-def read_caption(image_path: Path) -> str:
-    caption_path = image_path.with_suffix(".txt")
-    try:
-        raw = caption_path.read_bytes()
-    except FileNotFoundError:
-        raise SkipSample(SKIP_MISSING_CAPTION) from None
-    except OSError:
-        raise SkipSample(SKIP_UNREADABLE_CAPTION) from None
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some Windows editors write
-    except UnicodeDecodeError:
-        raise SkipSample(SKIP_CAPTION_NOT_UTF8) from None
-    text = text.strip()
-    if not text:
-        raise SkipSample(SKIP_EMPTY_CAPTION)
-    return text
-
-
-def _to_eight_bit(image: Image.Image) -> Image.Image:
-    """Rescale a 16/32-bit integer or float image to 8-bit L (PIL's convert would clip it)."""
-    values = np.asarray(image, dtype=np.float64)
-    peak = 65535.0  # integer modes hold 16-bit samples
-    if image.mode == "F":  # floats: 0..1 when they fit, else 0..255
-        peak = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
-    return Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8))
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    if image.mode not in EIGHT_BIT_MODES:
-        image = _to_eight_bit(image)
-    if image.mode not in PNG_SAFE_MODES:
-        has_alpha = image.mode.endswith("A") or "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def encode_image(path: Path) -> tuple[str, bytes]:
-    """(sample key extension, bytes) for one image file; raises SkipSample if it is unusable.
-
-    JPEG, PNG and WebP keep their original bytes, keyed by the format PIL detects (so a PNG
-    misnamed .jpg is still stored as png); other formats, and high-bit-depth images that loaders
-    would decode wrongly, are re-encoded as 8-bit PNG.
-    """
-    try:
-        raw = path.read_bytes()
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()  # decodes fully: catches truncated and corrupt files, not just headers
-            extension = KEPT_FORMATS.get(image.format or "")
-            if extension and image.mode in EIGHT_BIT_MODES:
-                return extension, raw
-            return "png", _png_bytes(image)
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb…)
-        logger.debug("cannot read %s: %s", path, error)
-        raise SkipSample(SKIP_UNREADABLE_IMAGE) from None
-
-
-def _sanitise_key(relative_path: str) -> str:
-    stem = relative_path.rsplit(".", 1)[0]
-    # WebDataset splits key and extension at the first dot, and "/" would become a folder.
-    return re.sub(r"[./\\]", "_", stem)
-
-
-def _unique_key(relative_path: str, used: set[str]) -> str:
-    key = _sanitise_key(relative_path)
-    if key in used:  # e.g. cat.jpg next to cat.png
-        key = _sanitise_key(relative_path.replace(".", "_"))
-    base, counter = key, 1
-    while key in used:
-        key, counter = f"{base}_{counter}", counter + 1
-    used.add(key)
-    return key
-
-
 def convert_folder(
     src: str | Path,
     out_dir: str | Path,
     shard_size: int = 1000,
     prefix: str = "train",
     progress: bool = True,
+    folder_repeats: bool = False,
 ) -> ConvertReport:
-    """Write every captioned image under src into {out_dir}/{prefix}-NNNNNN.tar shards.
+    """Write every captioned image under src into {out_dir}/{prefix}-NNNNNN.tar shards (the
+    images of "<N>_name" folders N times, with folder_repeats).
 
     Raises FileNotFoundError if src is not a folder or holds no images.
     """
     src, out_dir = Path(src), Path(out_dir)
+    images = source_images(src, shard_size)
+    return write_shards(images, src, out_dir, prefix, shard_size, progress, folder_repeats)
+
+
+def convert_split(
+    src: str | Path,
+    out_dir: str | Path,
+    val_fraction: float,
+    shard_size: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    folder_repeats: bool = False,
+) -> dict[str, ConvertReport]:
+    """convert_folder into train-*.tar and val-*.tar: a seeded val_fraction of the images (at
+    least one) held out for validation, never repeated. {"train": report, "val": report}."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    src, out_dir = Path(src), Path(out_dir)
+    images = source_images(src, shard_size)
+    if len(images) < 2:
+        raise ValueError(f"{src} holds {len(images)} image: too few to hold out a validation share")
+    order = list(range(len(images)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(val_fraction * len(images)))])
+    split = {
+        "train": [image for i, image in enumerate(images) if i not in held],
+        "val": [image for i, image in enumerate(images) if i in held],
+    }
+    return {
+        name: write_shards(
+            chosen, src, out_dir, name, shard_size, progress, folder_repeats and name == "train"
+        )
+        for name, chosen in split.items()
+    }
+
+
+def source_images(src: Path, shard_size: int) -> list[Path]:
     if not src.is_dir():
         raise FileNotFoundError(f"no such folder: {src}")
     if shard_size < 1:
@@ -170,10 +115,29 @@ def convert_folder(
     if not images:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"no images ({extensions}) under {src}")
+    return images
 
+
+def repeats_of(relative: Path) -> int:
+    """N for an image inside a folder named "<N>_name" (the nearest such folder), else 1."""
+    for folder in reversed(relative.parent.parts):
+        if match := REPEATS_FOLDER.match(folder):
+            return max(1, int(match.group(1)))
+    return 1
+
+
+def write_shards(
+    images: list[Path],
+    src: Path,
+    out_dir: Path,
+    prefix: str,
+    shard_size: int,
+    progress: bool,
+    folder_repeats: bool,
+) -> ConvertReport:
     report, used_keys, writer = ConvertReport(), set(), None
     try:
-        for path in tqdm(images, desc="convert", unit="img", disable=not progress):
+        for path in tqdm(images, desc=f"convert {prefix}", unit="img", disable=not progress):
             relative = path.relative_to(src).as_posix()
             try:
                 record = _record(path, relative, used_keys)
@@ -182,8 +146,12 @@ def convert_folder(
                 continue
             if writer is None:  # opened lazily: ShardWriter creates a shard file at once
                 writer = _shard_writer(out_dir, prefix, shard_size, report)
-            writer.write(record)
-            report.written += 1
+            copies = repeats_of(path.relative_to(src)) if folder_repeats else 1
+            for copy in range(copies):  # each copy its own key: the loader sees N samples
+                writer.write(
+                    record if copy == 0 else {**record, "__key__": f"{record['__key__']}_r{copy}"}
+                )
+            report.written += copies
     finally:
         if writer is not None:
             writer.close()
@@ -196,7 +164,7 @@ def _record(path: Path, relative: str, used_keys: set[str]) -> dict:
     text = read_caption(path)
     extension, image_bytes = encode_image(path)
     return {
-        "__key__": _unique_key(relative, used_keys),
+        "__key__": unique_key(relative, used_keys),
         extension: image_bytes,
         "txt": text.encode("utf-8"),
         "json": json.dumps({"source": relative, "caption": text}).encode("utf-8"),
@@ -242,28 +210,71 @@ def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ldm_train.data.convert",
-        description="Convert a folder of images with same-name .txt captions to WebDataset shards.",
+        description="Convert a folder of images with same-name .txt (or .caption) captions to "
+        "WebDataset shards.",
     )
-    parser.add_argument("src", type=Path, help="folder of images and .txt captions (recursive)")
+    parser.add_argument("src", type=Path, help="folder of images and captions (recursive)")
     parser.add_argument("out", type=Path, help="output folder for the shards")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--prefix", default="train", help="shard name prefix (train, val, ...)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        help="hold out this share of the images as val-*.tar (e.g. 0.05); --prefix is then unused",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="which images --val-fraction holds out")
+    parser.add_argument(
+        "--folder-repeats",
+        action="store_true",
+        help='write the images of a folder named "<N>_name" N times (kohya\'s repeats)',
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = convert_folder(
-            args.src, args.out, args.shard_size, args.prefix, progress=not args.quiet
-        )
+        if args.val_fraction is not None:
+            reports = convert_split(
+                args.src,
+                args.out,
+                args.val_fraction,
+                args.shard_size,
+                args.seed,
+                not args.quiet,
+                args.folder_repeats,
+            )
+        else:
+            reports = {
+                args.prefix: convert_folder(
+                    args.src,
+                    args.out,
+                    args.shard_size,
+                    args.prefix,
+                    not args.quiet,
+                    args.folder_repeats,
+                )
+            }
     except (FileNotFoundError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    if not report.written:
+    if not any(report.written for report in reports.values()):
         print(f"{parser.prog}: error: no usable image under {args.src}", file=sys.stderr)
         return 1
-    print(f"wrote {report.written} samples, skipped {report.num_skipped}")
-    pattern = shard_urls(args.out, args.prefix, len(report.shards))
-    print(f"data.train_urls='{pattern}'")
+    for prefix, report in reports.items():
+        print(f"{prefix}: wrote {report.written} samples, skipped {report.num_skipped}")
+    urls = {
+        "data.val_urls" if prefix == "val" else "data.train_urls": shard_urls(
+            args.out, prefix, len(report.shards)
+        )
+        for prefix, report in reports.items()
+        if report.shards
+    }
+    overrides = " ".join(f"\"{key}='{pattern}'\"" for key, pattern in urls.items())
+    if len(urls) == 2:
+        print(f"train on them with:\n  python -m ldm_train stage=all data=webdataset {overrides}")
+    else:
+        print(overrides)
+        if "data.train_urls" in urls:
+            print("(no validation shards: --val-fraction 0.05 holds out a share)")
     return 0
 
 

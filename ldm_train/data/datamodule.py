@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,9 +39,39 @@ DATASET_KEYS = (
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace patterns (one string, or a list of them) -> the list of shard URLs."""
+    """Brace patterns (one string, or a list of them) -> the list of shard URLs; a local pattern
+    with * or ? matches files (sorted): data/photos/train-*.tar."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in braceexpand(pattern)]
+    expanded = [url for pattern in patterns for url in braceexpand(pattern)]
+    return [match for url in expanded for match in local_matches(url)]
+
+
+def local_matches(url: str) -> list[str]:
+    """The files a local wildcard names (sorted; itself if none match: reported as missing)."""
+    path = local_path(url)
+    if path is None or not any(wild in path for wild in "*?"):
+        return [url]
+    return sorted(glob.glob(path)) or [url]
+
+
+def shards_name(urls: str | Sequence[str] | None) -> str:
+    """${shards_name:${data.train_urls}}, data=webdataset's name (so its experiment's): the folder
+    that holds the shards (data/photos/train-{000000..000009}.tar: photos), or for a latent cache
+    the folder of the shards it was made from (its cache.json says); "webdataset" if none."""
+    patterns = [urls] if isinstance(urls, str) else list(urls or [])
+    if not patterns or not isinstance(patterns[0], str):
+        return "webdataset"
+    words = patterns[0].removeprefix("pipe:").split()
+    path = next((w for w in words if ".tar" in w), words[0] if words else "")
+    folder = Path(local_path(path) or path.split("://", 1)[-1]).parent
+    info = folder / "cache.json"  # ldm_train.cache_latents' record of its source
+    if info.is_file():
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            return shards_name(json.loads(info.read_text())["source_urls"][0])
+    return folder.name if folder.name not in ("", ".", "..") else "webdataset"
+
+
+OmegaConf.register_new_resolver("shards_name", shards_name, replace=True)
 
 
 def local_path(url: str) -> str | None:
@@ -197,6 +230,11 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)
+
+    def plain_batches(self) -> DataLoader:
+        """One deterministic pass over the validation shards (the training shards if there are
+        none), decoded as for validation: for measurements outside the training loop."""
+        return self._loader(self.val_urls or self.train_urls, train=False)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_urls, train=False) if self.val_urls else []

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from ldm_train.data.bucket_sizes import BucketTransform, Size, bucket_sizes, to_tensor
+from ldm_train.data.captions import shuffle_tags
 from ldm_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class LoaderConfig:
     bucket_max_ratio: float | None = None  # or: made from image_size up to this long/short ratio
     bucket_step: int = 8  # their sides' step: the VAE's downsampling factor (or a multiple)
     bucket_cap: int | None = None  # samples held over all buckets; None: batch_size - 1 each
+    # Comma-separated tag captions: None as written; N: shuffled at each draw, the first N kept.
+    shuffle_tags: int | None = None
 
     @property
     def bucketed(self) -> bool:
@@ -272,6 +275,7 @@ def decode_members(
         return None
     if rng is not None:
         image = augment(image, cfg, rng)
+        caption = shuffle_tags(caption, cfg.shuffle_tags, rng)
     stats.ok += 1
     return {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 
@@ -303,6 +307,12 @@ def decode_cached(
                 "data.random_flip=false, or cache again with data.random_flip=true"
             )
         key = LATENT_FLIP_KEY
+    if TEXT_KEY in sample and cfg.shuffle_tags is not None:
+        raise CacheError(
+            f"{where} holds the caption's text states as written: data.shuffle_tags needs the "
+            "text encoder at every step; cache with stage.text_encoder=null, or set "
+            "data.shuffle_tags=null"
+        )
     try:
         decoded = {"latent": load_array(sample[key])}
         if TEXT_KEY in sample:
@@ -310,6 +320,8 @@ def decode_cached(
     except ValueError as error:  # a truncated or foreign .npy
         stats.skip("unreadable latents", where, error)
         return None
+    if rng is not None:
+        caption = shuffle_tags(caption, cfg.shuffle_tags, rng)
     stats.ok += 1
     return {**decoded, "caption": caption, "key": sample.get("__key__", ""), "meta": meta}
 

@@ -196,7 +196,8 @@ class TrainStream(IterableDataset):
         # Augmentation drawn from the sample's place in the stream, not a global RNG (made only
         # when there is augmentation to draw: seeding costs as much as a json).
         rng = None
-        if self.cfg.random_flip or self.cfg.crop == "random":
+        cfg = self.cfg
+        if cfg.random_flip or cfg.crop == "random" or cfg.shuffle_tags is not None:
             slot, _ = worker_slot(self.rank, self.world_size)
             rng = random.Random(f"{self._order_seed(pass_index)}-{slot}-{index}")
         return decode_sample(sample, self.cfg, transform, self.stats, rng)

@@ -126,6 +126,9 @@ class Pipeline:
     def write(self, out_dir: Path) -> Path:
         """The folder's content, into an empty folder."""
         sampler = export_sampler(self.sampling.sampler, self.scheduler.config, self.vae is None)
+        # diffusers draws sample_size latents by default: the training size's (a pretrained or
+        # earlier U-Net carries the size it was made for; a resolution stage changed it).
+        self.unet.register_to_config(sample_size=self.latent_shape[-1])
         self.unet.save_pretrained(out_dir / "unet")
         sampler.save_pretrained(out_dir / "scheduler")
         if self.vae is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm_train import progress
 from ldm_train.diffusion.conditioning import TextEncoder, text_context
 from ldm_train.diffusion.latents import decode_latents
 from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
@@ -111,13 +112,22 @@ def sample(
             "trained on"
         )
     images = []
-    for start in range(0, len(prompts), options.batch_size):
-        batch = slice(start, start + options.batch_size)
-        noise = initial_noise(latent_shape, seeds[batch])
-        latents = denoise(
-            unet, scheduler_config, list(prompts[batch]), noise, options, text_encoder, vae is None
-        )
-        images.append(decode_latents(vae, latents).float().cpu())
+    starts = range(0, len(prompts), options.batch_size)
+    # A bar only where a command shows one (ldm_train.progress), e.g. generate's; never in training.
+    with progress.bar(len(starts) * options.steps, "sampling", "step"):
+        for start in starts:
+            batch = slice(start, start + options.batch_size)
+            noise = initial_noise(latent_shape, seeds[batch])
+            latents = denoise(
+                unet,
+                scheduler_config,
+                list(prompts[batch]),
+                noise,
+                options,
+                text_encoder,
+                vae is None,
+            )
+            images.append(decode_latents(vae, latents).float().cpu())
     return torch.cat(images)
 
 
@@ -143,7 +153,7 @@ def denoise(
         )
     context = context.to(dtype)
     latents = noise.to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for t in progress.tick(scheduler.timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         prediction = unet(model_input.to(dtype), t, encoder_hidden_states=context).sample.float()

@@ -23,6 +23,7 @@ trainer.global_step and trainer.max_steps count training steps in both modes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
@@ -36,6 +37,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm_train.callbacks.images import image_grid, log_image
+from ldm_train.distributed import full_weights
 from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import save_vae
 from ldm_train.losses.autoencoder import AutoencoderLoss
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 class VaeStage(StageModule):
     LATENT_SEED = 0  # posterior samples for the latent scale: the same noise at every validation
+    SCALE_BATCHES = 8  # batches the scale is measured on after a run no validation measured
 
     def __init__(
         self,
@@ -200,9 +203,7 @@ class VaeStage(StageModule):
         inputs_01, outputs_01 = (images + 1) / 2, (reconstruction.clamp(-1, 1) + 1) / 2
         self.val_psnr.update(outputs_01, inputs_01)
         self.val_ssim.update(outputs_01, inputs_01)
-        latents = posterior.sample(generator=self._latent_generator).double()
-        self.latent_mean.update(latents)
-        self.latent_square.update(latents.square())
+        self._add_latents(posterior)
         self.log("val/rec", self.val_rec, batch_size=size)
         self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=size)
         self.log("val/ssim", self.val_ssim, batch_size=size)
@@ -212,22 +213,55 @@ class VaeStage(StageModule):
             self._grid_rows = [images[: self.grid_images], reconstruction[: self.grid_images]]
 
     def on_validation_epoch_end(self) -> None:
-        if self.latent_mean.update_count > 0:
-            mean, square = self.latent_mean.compute(), self.latent_square.compute()
-            std = (square - mean.square()).clamp_min(0).sqrt()
-            if std > 0:
-                self.latent_scale.fill_(float(1 / std))
+        std = self._take_latent_scale()
+        if std is not None:
             # Already reduced over ranks (torchmetrics); sync_dist only keeps Lightning quiet.
             self.log("val/latent_std", std.float(), sync_dist=True)
             self.log("val/latent_scale", self.latent_scale.clone(), sync_dist=True)
-        self.latent_mean.reset()
-        self.latent_square.reset()
         if not self.trainer.sanity_checking:  # every rank: the metrics gather across ranks
             for name, value in self.reconstruction_metrics.compute(self.device).items():
                 self.log(f"val/{name}", value, sync_dist=True)
         if self._grid_rows:
             log_image(self.trainer, "vae", image_grid(self._grid_rows))
             self._grid_rows = []
+
+    # -- the latent scale: 1 / std of the posterior samples ----------------------------------
+
+    def _add_latents(self, posterior) -> None:
+        latents = posterior.sample(generator=self._latent_generator).double()
+        self.latent_mean.update(latents)
+        self.latent_square.update(latents.square())
+
+    def _take_latent_scale(self) -> torch.Tensor | None:
+        """The std of the latents added since the last call (every rank: a collective), kept as
+        latent_scale = 1 / std; None if none were added."""
+        std = None
+        if self.latent_mean.update_count > 0:
+            mean, square = self.latent_mean.compute(), self.latent_square.compute()
+            std = (square - mean.square()).clamp_min(0).sqrt()
+            if std > 0:
+                self.latent_scale.fill_(float(1 / std))
+        self.latent_mean.reset()
+        self.latent_square.reset()
+        return std
+
+    def on_fit_end(self) -> None:
+        """A run that never validated (shorter than val_every_n_steps with the final validation
+        off, or no validation at all) measures the latent scale now, on SCALE_BATCHES batches of
+        the validation shards (or the training shards), so its export never carries an unmeasured
+        scaling_factor. Every rank: the measurement is reduced over them."""
+        if float(self.latent_scale) > 0 or self.trainer.datamodule is None:
+            return
+        batches = itertools.islice(self.trainer.datamodule.plain_batches(), self.SCALE_BATCHES)
+        self._latent_generator = torch.Generator(self.device).manual_seed(self.LATENT_SEED)
+        with torch.no_grad(), full_weights(self.trainer.strategy.model):
+            for batch in batches:
+                self._add_latents(
+                    self.net.encode(self.perf.input(batch["image"].to(self.device))).latent_dist
+                )
+        std = self._take_latent_scale()
+        if std is not None:
+            log.info("latent scale measured after training (no validation did): std %.5f", std)
 
     # -- export ------------------------------------------------------------------------------
 
@@ -237,8 +271,9 @@ class VaeStage(StageModule):
         scale = float(self.latent_scale)
         if not (math.isfinite(scale) and scale > 0):
             log.warning(
-                "no latent scale measured (no validation ran): exporting scaling_factor=1.0; "
-                "validate once (data.val_urls) to measure it"
+                "no latent scale measured (no validation ran, e.g. an export of a checkpoint "
+                "saved before the first validation): exporting scaling_factor=1.0; set the "
+                "right one with stage.vae's config.json or export a later checkpoint"
             )
             scale = 1.0
         return save_vae(self.net, out_dir, scale)
