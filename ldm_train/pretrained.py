@@ -47,8 +47,8 @@ from ldm_train.formats.clip_model import (
     load_named_clip,
     read_weights,
 )
-from ldm_train.safety import check_safetensors
 from ldm_train.formats.single_file import is_single_file, load_single_file, schedule_source
+from ldm_train.safety import check_safetensors
 from ldm_train.train import build
 
 log = logging.getLogger(__name__)

@@ -278,7 +278,6 @@ def first_interpolation(node: object, where: str = "") -> tuple[str, str] | None
     return None
 
 
-
 def numbered(base: Path) -> Iterator[RunDir]:
     """base, base-2, base-3, ...: the folders runs of one experiment and stage take, in order."""
     yield RunDir(base)
