@@ -1,5 +1,5 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
-    [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp]
+    [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|heun|dpmpp]
     [--width W --height H] --out DIR
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
@@ -25,6 +25,7 @@ from torchvision.utils import save_image
 from ldm_train import quiet
 from ldm_train.callbacks.images import image_grid
 from ldm_train.diffusion.pipeline import Pipeline
+from ldm_train.diffusion.schedule import ALL_SAMPLERS
 from ldm_train.errors import UserError
 
 log = logging.getLogger("ldm_train.generate")
@@ -73,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="image j starts from seed + j")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance scale; 1: none")
-    parser.add_argument("--sampler", choices=["ddim", "euler", "dpmpp"], default="ddim")
+    parser.add_argument(
+        "--sampler",
+        choices=ALL_SAMPLERS,
+        help="ddim | euler | dpmpp; a flow model: euler | heun | dpmpp (default: the export's)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--width", type=int, help="pixels (default: the export's image size)")
     parser.add_argument("--height", type=int, help="pixels (default: the export's image size)")
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts = [""]  # an unconditional model
         options = replace(
             pipeline.sampling,
-            sampler=args.sampler,
+            sampler=args.sampler or pipeline.sampling.sampler,
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,

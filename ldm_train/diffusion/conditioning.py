@@ -1,4 +1,5 @@
-"""The U-Net's conditioning: captions -> the cross-attention context, from the frozen text encoder.
+"""The U-Net's conditioning: captions -> the cross-attention context, from the frozen text encoder
+(and, for a transformer denoiser, the pooled text vector: the end token's hidden state).
 
 One part of the U-Net stage, with what belongs to it: caption dropout (captions replaced by "", the
 unconditional input of classifier-free guidance), the cache of hidden states by caption, the
@@ -12,7 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ldm_train.diffusion.frozen import Frozen, KeyedCache, TextEncoder, text_context
+from ldm_train.diffusion.frozen import (
+    Frozen,
+    KeyedCache,
+    TextEncoder,
+    pooled_text,
+    text_context,
+)
 from ldm_train.errors import UserError
 
 
@@ -95,6 +102,10 @@ class Conditioning:
             mask = torch.tensor(dropped, device=device)[:, None, None]
             hidden_states = torch.where(mask, self.empty_context(width, device), hidden_states)
         return hidden_states
+
+    def pooled(self, context: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """B x width: the pooled text vector of a transformer denoiser (frozen.pooled_text)."""
+        return pooled_text(self._text_encoder.module, context, list(captions))
 
     def empty_context(self, width: int, device: torch.device) -> torch.Tensor:
         """The empty caption's hidden states (L x width): the encoder is frozen, so computed once."""

@@ -26,6 +26,8 @@ class TextEncoder(Protocol):
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def end_positions(self, captions: list[str]) -> torch.Tensor: ...
+
 
 def vae_folder(path: str | Path) -> Path | None:
     """The AutoencoderKL folder at path: path itself, or its vae/ subfolder (an exported pipeline,
@@ -135,6 +137,18 @@ def text_context(
         return torch.zeros(len(captions), 1, width, device=device)
     hidden_states, _ = text_encoder(list(captions))
     return hidden_states.to(device)
+
+
+def pooled_text(
+    text_encoder: TextEncoder | None, context: torch.Tensor, captions: list[str]
+) -> torch.Tensor:
+    """B x width: each caption's end-token state in its hidden states `context` (a CLIPTextModel's
+    pooler_output), the pooled text vector a transformer denoiser reads. Only the captions are
+    tokenized, so it works on cached hidden states too. Without a text encoder: zeros."""
+    if text_encoder is None:
+        return context.new_zeros(len(context), context.shape[-1])
+    positions = text_encoder.end_positions(list(captions)).to(context.device)
+    return context[torch.arange(len(context), device=context.device), positions]
 
 
 class KeyedCache:
