@@ -159,15 +159,29 @@ def at_time(curve: list[dict], seconds: float) -> dict:
     return before[-1] if before else {}
 
 
-def evaluate_samples(export: Path, steps: int, out: Path) -> dict:
-    """ldm_train.evaluate at `steps` sampling steps (the export's sampler), once."""
-    if not (out / "metrics.json").is_file():
-        args = [sys.executable, "-m", "ldm_train.evaluate", str(export), "data.prompts=null"]
-        args += ["--max-prompts", "64", "--n", "2", "--max-reference", "256", "--guidance", "1.5"]
-        args += ["--steps", str(steps), "--out", str(out)]
-        subprocess.run(args, env=run_env(), check=True, capture_output=True)
-    figures = json.loads((out / "metrics.json").read_text())
-    return {k: v for k, v in figures.items() if k in ("fd_clip", "clip_score", "accuracy")}
+def evaluate_samples(runs: dict[str, Path]) -> dict[str, dict]:
+    """ldm_train.evaluate of each variant's export at each of SAMPLING_STEPS (the export's
+    sampler), the variants at once; each once (kept in eval-<steps>/metrics.json)."""
+    results: dict[str, dict] = {variant: {} for variant in runs}
+    for steps in SAMPLING_STEPS:
+        processes = {}
+        for variant, run_dir in runs.items():
+            out = run_dir / f"eval-{steps}"
+            if not (out / "metrics.json").is_file():
+                args = [sys.executable, "-m", "ldm_train.evaluate", str(run_dir / "export")]
+                args += ["data.prompts=null", "--max-prompts", "64", "--n", "2"]
+                args += ["--max-reference", "256", "--guidance", "1.5", "--steps", str(steps)]
+                processes[variant] = subprocess.Popen(
+                    [*args, "--out", str(out)], env=run_env(), stdout=subprocess.DEVNULL
+                )
+        for variant, process in processes.items():
+            if process.wait() != 0:
+                raise SystemExit(f"objectives: evaluating {variant} at {steps} steps failed")
+        for variant, run_dir in runs.items():
+            figures = json.loads((run_dir / f"eval-{steps}" / "metrics.json").read_text())
+            keep = ("fd_clip", "clip_score", "accuracy")
+            results[variant][str(steps)] = {k: v for k, v in figures.items() if k in keep}
+    return results
 
 
 def measure_net(args: argparse.Namespace) -> None:
@@ -256,17 +270,14 @@ def run(root: Path, data: str, steps: int, given: Path | None) -> dict:
     runs = train_variants(root, data, base, steps)
     curves = {variant: read_curve(run_dir) for variant, run_dir in runs.items()}
     shortest = min(curve[-1]["time"] for curve in curves.values() if curve)
+    sampling = evaluate_samples(runs)
     nets = measure_nets(root, data, base)
     results = {}
-    for variant, run_dir in runs.items():
-        sampling = {
-            str(k): evaluate_samples(run_dir / "export", k, run_dir / f"eval-{k}")
-            for k in SAMPLING_STEPS
-        }
+    for variant in runs:
         results[variant] = {
             "curve": curves[variant],
             "equal_time": at_time(curves[variant], shortest),
-            "sampling": sampling,
+            "sampling": sampling[variant],
             "net": nets.get(variant, {}),
         }
     (root / data / "results.json").write_text(json.dumps(results, indent=2))

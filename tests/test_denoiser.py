@@ -80,3 +80,13 @@ def test_eager_attention_is_refused_for_joint_attention():
     assert {type(p).__name__ for p in net.attn_processors.values()} == {"JointAttnProcessor2_0"}
     with pytest.raises(UserError, match="perf.attention=eager: SD3Transformer2DModel"):
         Perf(attention="eager").apply(net)
+
+
+def test_stage_denoiser_is_another_name_for_stage_unet():
+    """The honest name when the network is a transformer; the same config, runs and exports."""
+    from omegaconf import OmegaConf
+
+    alias = compose_config(["stage=denoiser", "model=denoiser/dit_tiny"])
+    same = compose_config(["stage=unet", "model=unet/dit_tiny"])
+    assert OmegaConf.to_yaml(alias) == OmegaConf.to_yaml(same)
+    assert alias.paths.run_dir == "outputs/shapes/unet"

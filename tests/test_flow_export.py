@@ -238,3 +238,15 @@ def test_generate_draws_from_the_transformer_export_at_another_size(transformer,
     assert (out / "grid.png").is_file()
     assert generate_main([*args, "--width", "36", "--out", str(out)]) == 2
     assert generate_main([*args, "--sampler", "ddim", "--out", str(out)]) == 2
+
+
+def test_a_transformer_export_is_a_starting_point(transformer, make_cfg):
+    """model.pretrained with a transformer preset: the export's transformer/, as it left."""
+    from ldm_train.pretrained import unet_net
+
+    module, export = transformer
+    cfg = make_cfg("stage=unet", "model=unet/dit_tiny", f"model.pretrained={export}")
+    net = unet_net(cfg.model.net, cfg.model.pretrained)
+    assert isinstance(net, SD3Transformer2DModel) and net.training
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in module.net.state_dict().items())

@@ -31,6 +31,11 @@ def test_fsdp_preset_composes_and_its_strategy_builds():
         unet = build_denoiser(instantiate(cfg.model.net), Sizes(4, 768, 64, 64))
     wrapped = Counter(type(m).__name__ for m in unet.modules() if type(m) in policy._module_classes)
     assert wrapped == {"ResnetBlock2D": 22, "BasicTransformerBlock": 16}
+    with torch.device("meta"):  # SD3 Medium's transformer: one unit per MMDiT block
+        dit = instantiate(compose_config(["stage=unet", "model=unet/dit_sd3_medium"]).model.net)
+        dit = build_denoiser(dit, Sizes(16, 4096, 128, 128))
+    wrapped = Counter(type(m).__name__ for m in dit.modules() if type(m) in policy._module_classes)
+    assert wrapped == {"JointTransformerBlock": 24}
 
 
 def test_fsdp_with_the_unets_ema_is_a_one_line_error(make_cfg):
