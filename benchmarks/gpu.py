@@ -162,7 +162,9 @@ def notes(results: dict[str, dict]) -> list[str]:
     ]
     peaks = {row["peak"] for row in results.values() if row.get("peak")}
     flops = ", ".join(sorted(peaks)) or "no peak known for this device (MFU left out)"
-    out.append(f"MFU: U-Net forward+backward FLOPs (unet_training_flops) x steps/s / {flops}")
+    out.append(
+        f"MFU: the net's forward+backward FLOPs (denoiser.training_flops) x steps/s / {flops}"
+    )
     cached = results.get("unet-channels-last", {}).get("images_per_s")
     encoded = results.get("unet-images", {}).get("images_per_s")
     if cached and encoded:

@@ -56,7 +56,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """--sampler --steps --guidance --seed --batch-size: default the export's recorded ones."""
     rules = SAMPLING_RULES
     group = parser.add_argument_group("sampling (default: what the export recorded)")
-    group.add_argument("--sampler", type=typed(rules["sampler"]), help="ddim | euler | dpmpp")
+    group.add_argument(
+        "--sampler",
+        type=typed(rules["sampler"]),
+        help="ddim | euler | dpmpp; a flow model: euler | heun | dpmpp",
+    )
     group.add_argument("--steps", type=typed(rules["steps"]), help="sampling steps")
     group.add_argument("--guidance", type=typed(rules["guidance"]), help="scale; 1: none")
     group.add_argument("--seed", type=typed(rules["seed"]), help="image j starts from seed + j")

@@ -1,6 +1,6 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
-    [--n 4] [--sampler ddim|euler|dpmpp] [--steps S] [--guidance G] [--seed N] [--batch-size B]
-    [--width W --height H] [--device D] [--out DIR]
+    [--n 4] [--sampler ddim|euler|heun|dpmpp] [--steps S] [--guidance G] [--seed N]
+    [--batch-size B] [--width W --height H] [--device D] [--out DIR]
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
 diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in

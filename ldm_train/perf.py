@@ -20,7 +20,6 @@ frozen VAE runs in fp32 under mixed precision (ldm_train.diffusion.frozen).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -33,9 +32,19 @@ ATTENTION_KINDS: tuple[str, ...] = get_args(Attention)
 
 
 def set_attention(net: torch.nn.Module, kind: Attention) -> None:
-    """Every attention layer of a diffusers net to the given processor."""
+    """Every attention layer of a diffusers net to the given processor. A net with processors of
+    its own kind (SD3Transformer2DModel's joint attention: JointAttnProcessor2_0, which is sdpa)
+    keeps them; it has no eager twin."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    own = {type(p).__name__ for p in net.attn_processors.values()}
+    if own - {AttnProcessor.__name__, AttnProcessor2_0.__name__}:
+        if kind != "sdpa":
+            raise UserError(
+                f"perf.attention={kind}: {type(net).__name__}'s attention ({', '.join(sorted(own))}) "
+                "runs on torch's scaled_dot_product_attention only; use perf.attention=sdpa"
+            )
+        return
     net.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
@@ -80,24 +89,3 @@ class Perf:
 def to_channels_last(x: torch.Tensor, on: bool) -> torch.Tensor:
     """A 4-d input in NHWC memory order when channels_last is on (else unchanged)."""
     return x.contiguous(memory_format=torch.channels_last) if on and x.dim() == 4 else x
-
-
-def unet_training_flops(
-    config: dict, latent_shape: Sequence[int], context_shape: Sequence[int]
-) -> int:
-    """FLOPs of one forward and backward pass of a UNet2DConditionModel with this config on a batch
-    of these shapes, counted by Lightning's measure_flops on a meta-device copy (no memory, no
-    compute). Set as the stage's flops_per_batch, Lightning's ThroughputMonitor logs FLOP/s and, on
-    GPUs whose peak it knows, the model FLOP utilisation (train/device/mfu); the frozen encoders'
-    FLOPs are not in it."""
-    from diffusers import UNet2DConditionModel
-    from lightning.fabric.utilities.throughput import measure_flops
-
-    # Lightning's ThroughputMonitor asks under inference_mode: the backward needs it off.
-    with torch.inference_mode(False), torch.enable_grad(), torch.device("meta"):
-        net = UNet2DConditionModel.from_config(config)
-        latents, context = torch.empty(*latent_shape), torch.empty(*context_shape)
-        t = torch.zeros(latent_shape[0], dtype=torch.long)
-        return measure_flops(
-            net, lambda: net(latents, t, encoder_hidden_states=context).sample, torch.Tensor.sum
-        )

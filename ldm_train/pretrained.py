@@ -3,7 +3,9 @@ initialised).
 
     stage=unet  a UNet2DConditionModel folder (config.json + weights), or a pipeline folder: its
                 unet/ (Stable Diffusion's, or a stage=unet export), or a single-file checkpoint
-                (.safetensors / .ckpt; its architecture: model.pretrained_config)
+                (.safetensors / .ckpt; its architecture: model.pretrained_config); with a
+                transformer preset (model=unet/dit_*) an SD3Transformer2DModel folder or a
+                pipeline's transformer/
     stage=vae   an AutoencoderKL folder, or a pipeline folder: its vae/, or a single file
     stage=clip  a CLIP export or open_clip hub folder (open_clip_config.json), NAME:FILE (open_clip's
                 model card NAME and a weights file), or a weights file for the preset's model card
@@ -34,9 +36,11 @@ from typing import Any
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_train.diffusion.denoiser import context_key
 from ldm_train.diffusion.pipeline import pipeline_part
 from ldm_train.diffusion.text_encoder import parse_named
 from ldm_train.errors import UserError, reading
@@ -71,10 +75,14 @@ def is_pretrained(net: object) -> bool:
 
 def unet_net(net: DictConfig, pretrained: str | None = None, config: str | None = None) -> Any:
     """stage=unet's net: the preset (a partial whose null sizes the stage fills from the VAE and
-    the text encoder) or the U-Net of `pretrained` (config: a single file's architecture)."""
+    the text encoder) or the denoiser of `pretrained` (config: a single file's architecture): a
+    U-Net (unet/ of a pipeline folder), or, when the preset is a transformer (model=unet/dit_*),
+    an SD3Transformer2DModel (transformer/)."""
     if pretrained is None:
         return build(net)
-    return read_pretrained(UNet2DConditionModel, "unet", pretrained, config)
+    transformer = get_class(net._target_) is SD3Transformer2DModel
+    cls = SD3Transformer2DModel if transformer else UNet2DConditionModel
+    return read_pretrained(cls, "transformer" if transformer else "unet", pretrained, config)
 
 
 def vae_net(
@@ -188,15 +196,16 @@ def marked(net: torch.nn.Module, source: str | Path, architecture: str = OWN_CON
     return net
 
 
-def check_unet_fits(net: UNet2DConditionModel, in_channels: int, context_width: int) -> None:
-    """A pretrained U-Net keeps its architecture: the upstream parts must fit it."""
+def check_unet_fits(net: Any, in_channels: int, context_width: int) -> None:
+    """A pretrained denoiser keeps its architecture: the upstream parts must fit it."""
     for key, value, given in (
         ("in_channels", in_channels, "stage.vae's latent channels (3 without a VAE)"),
-        ("cross_attention_dim", context_width, "stage.text_encoder's width"),
+        (context_key(net), context_width, "stage.text_encoder's width"),
     ):
         if net.config[key] != value:
             raise UserError(
-                f"model.pretrained={getattr(net, SOURCE)}: its U-Net has {key}={net.config[key]} "
+                f"model.pretrained={getattr(net, SOURCE)}: its {type(net).__name__} has "
+                f"{key}={net.config[key]} "
                 f"but {given} is {value}: pick a VAE and a text encoder that fit it (e.g. those "
                 "of its pipeline folder: stage.vae=<folder> stage.text_encoder=<folder>)"
             )

@@ -69,12 +69,15 @@ def test_cached_latents_equal_encoding_on_the_fly(flipped_cache, tmp_path):
         assert torch.equal(flipped, vae_moments(vae, pixels.flip(-1))[0])  # same batch
 
 
-def test_a_step_from_the_cache_equals_a_step_from_images(flipped_cache):
+# The transformer (flow) reads the captions' pooled vector, found in the cached hidden states.
+@pytest.mark.parametrize("net", [[], ["model=unet/dit_tiny", "model.net.num_layers=1"]])
+def test_a_step_from_the_cache_equals_a_step_from_images(flipped_cache, unet_cfg, net):
     cfg, info = flipped_cache
     image_batch = first_batch(cfg.copy())  # the shuffled, flipped training stream
     cached_batch = first_batch(cfg.copy(), info["train_urls"])
     assert cached_batch["key"] == image_batch["key"]  # same order: same shuffle
     assert "image" not in cached_batch and cached_batch["latent"].shape == (8, 8, 8, 8)
+    cfg = unet_cfg("data.random_flip=true", *net)
     plain = instantiate(cfg.stage.module)
     cached = instantiate(cfg.stage.module)
     cached.net.load_state_dict(plain.net.state_dict())

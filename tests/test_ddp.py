@@ -30,6 +30,7 @@ STAGES = {
         "stage.module.loss.discriminator.n_layers=2",
     ],
     "unet": [],  # unet_overrides: the tiny upstream exports, quick samples
+    "unet-transformer": ["model=unet/dit_tiny", "model.net.num_layers=2"],  # flow, SD3's MMDiT
 }
 
 
@@ -82,9 +83,10 @@ def global_step(run_dir: Path) -> int:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, cli, unet_overrides):
-    options = [f"stage={stage}", *STAGES[stage], *(unet_overrides if stage == "unet" else [])]
+    name = stage.split("-")[0]
+    options = [f"stage={name}", *STAGES[stage], *(unet_overrides if name == "unet" else [])]
     cli(*options, *DDP, "trainer.max_steps=2")
-    run_dir = tmp_path / "outputs" / "shapes" / stage
+    run_dir = tmp_path / "outputs" / "shapes" / name
     assert global_step(run_dir) == 2
     assert any((run_dir / "export").iterdir())  # every rank entered the export, rank 0 wrote it
     keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -104,6 +104,13 @@ STAGE_RUNS = {
         "stage.module.loss.discriminator.n_layers=2",
     ],
     "unet": [],  # + unet_overrides
+    "unet-flow": [  # flow matching, logit-normal timesteps, a shift
+        "model.prediction_type=flow",
+        "model.snr_gamma=null",
+        "stage.module.loss.timesteps=logit_normal",
+        "stage.module.noise_scheduler.shift=3.0",
+    ],
+    "unet-transformer": ["model=unet/dit_tiny", "model.net.num_layers=2"],  # SD3's MMDiT, flow
 }
 
 
@@ -114,7 +121,8 @@ def test_kill_9_and_resume_is_exact_for_every_stage(
 ):
     """Through the real CLI: the export of a run killed with -9 after step 3 (checkpoint at 2) and
     rerun equals the export of a run that never stopped, bit for bit."""
-    options = [*STAGE_RUNS[stage], *(unet_overrides if stage == "unet" else [])]
+    unet = stage.startswith("unet")
+    options = [*(unet_overrides if unet else []), *STAGE_RUNS[stage]]
     base = ["-m", "ldm_train", *tiny_overrides(tmp_path / "out"), *options, "trainer.max_steps=6"]
     base += [
         "checkpoint_every_n_steps=2",
@@ -129,7 +137,7 @@ def test_kill_9_and_resume_is_exact_for_every_stage(
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     rerun = run_cli(killed, tmp_path)
     assert "continuing from" in rerun.stdout + rerun.stderr
-    name = STAGE_RUNS[stage][0].removeprefix("stage=") if STAGE_RUNS[stage] else "unet"
+    name = "unet" if unet else STAGE_RUNS[stage][0].removeprefix("stage=")
     exports = [
         tmp_path / "out" / experiment / name / "export" for experiment in ("straight", "killed")
     ]

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import ShardingStrategy
 
 from ldm_train.config import compose_config
+from ldm_train.diffusion.denoiser import Sizes, build_denoiser
 from ldm_train.errors import UserError
 from ldm_train.rundir import RunDir
-from ldm_train.stages.unet import build_net
 from ldm_train.train import train, wandb_run_id
 
 
@@ -28,9 +28,14 @@ def test_fsdp_preset_composes_and_its_strategy_builds():
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
     policy = strategy.kwargs["auto_wrap_policy"]
     with torch.device("meta"):  # SD 1.5's U-Net without allocating its 860M weights
-        unet = build_net(instantiate(cfg.model.net), 4, 768, 64)
+        unet = build_denoiser(instantiate(cfg.model.net), Sizes(4, 768, 64, 64))
     wrapped = Counter(type(m).__name__ for m in unet.modules() if type(m) in policy._module_classes)
     assert wrapped == {"ResnetBlock2D": 22, "BasicTransformerBlock": 16}
+    with torch.device("meta"):  # SD3 Medium's transformer: one unit per MMDiT block
+        dit = instantiate(compose_config(["stage=unet", "model=unet/dit_sd3_medium"]).model.net)
+        dit = build_denoiser(dit, Sizes(16, 4096, 128, 128))
+    wrapped = Counter(type(m).__name__ for m in dit.modules() if type(m) in policy._module_classes)
+    assert wrapped == {"JointTransformerBlock": 24}
 
 
 def test_fsdp_with_the_unets_ema_is_a_one_line_error(make_cfg):

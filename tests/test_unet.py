@@ -162,8 +162,16 @@ def test_latent_channel_mismatch_is_a_one_line_error(unet_cfg):
             "beta_schedule='cosine' is not valid; choose one of: linear",
         ),
         (
+            "validation.sampling.sampler=lms",
+            "sampler='lms' is not valid; choose one of: ddim, euler, dpmpp, heun",
+        ),
+        (  # heun samples flow models only
             "validation.sampling.sampler=heun",
-            "sampler='heun' is not valid; choose one of: ddim, euler, dpmpp",
+            "sampler=heun does not sample an epsilon or v_prediction model; it takes ddim | euler",
+        ),
+        (
+            "loss.weighting=cosmap",
+            "weighting=cosmap weights the flow objective (model.prediction_type=flow)",
         ),
         ("conditioning.caption_dropout=1.5", "caption_dropout=1.5; need 0 <= p <= 1"),
     ],

@@ -1,4 +1,5 @@
-"""The U-Net's conditioning: captions -> the cross-attention context, from the frozen text encoder.
+"""The U-Net's conditioning: captions -> the cross-attention context, from the frozen text encoder
+(and, for a transformer denoiser, the pooled text vector: the end token's hidden state).
 
 One part of the U-Net stage, with what belongs to it: caption dropout (captions replaced by "", the
 unconditional input of classifier-free guidance), the cache of hidden states by caption, the
@@ -24,6 +25,8 @@ class TextEncoder(Protocol):
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def end_positions(self, captions: list[str]) -> torch.Tensor: ...
+
 
 def text_context(
     text_encoder: TextEncoder | None, captions: list[str], width: int, device: torch.device
@@ -34,6 +37,18 @@ def text_context(
         return torch.zeros(len(captions), 1, width, device=device)
     hidden_states, _ = text_encoder(list(captions))
     return hidden_states.to(device)
+
+
+def pooled_text(
+    text_encoder: TextEncoder | None, context: torch.Tensor, captions: list[str]
+) -> torch.Tensor:
+    """B x width: each caption's end-token state in its hidden states `context` (a CLIPTextModel's
+    pooler_output), the pooled text vector a transformer denoiser reads. Only the captions are
+    tokenized, so it works on cached hidden states too. Without a text encoder: zeros."""
+    if text_encoder is None:
+        return context.new_zeros(len(context), context.shape[-1])
+    positions = text_encoder.end_positions(list(captions)).to(context.device)
+    return context[torch.arange(len(context), device=context.device), positions]
 
 
 class Conditioning:
@@ -115,6 +130,10 @@ class Conditioning:
             mask = torch.tensor(dropped, device=device)[:, None, None]
             hidden_states = torch.where(mask, self.empty_context(width, device), hidden_states)
         return hidden_states
+
+    def pooled(self, context: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """B x width: the pooled text vector of a transformer denoiser (frozen.pooled_text)."""
+        return pooled_text(self._text_encoder.module, context, list(captions))
 
     def empty_context(self, width: int, device: torch.device) -> torch.Tensor:
         """The empty caption's hidden states (L x width): the encoder is frozen, so computed once."""

@@ -1,13 +1,16 @@
-"""The U-Net's export: one folder a user copies anywhere and generates from, with
-`python -m ldm_train.generate` or diffusers' StableDiffusionPipeline. stage=unet writes it at the end
-of a run (`python -m ldm_train.export` from any checkpoint); generate, the chain and the stage's
-validation samples all go through the one Pipeline object this module writes and reads.
+"""The denoiser's export: one folder a user copies anywhere and generates from, with
+`python -m ldm_train.generate` or diffusers' StableDiffusionPipeline (a U-Net) or
+StableDiffusion3Pipeline (a transformer; ldm_train.diffusion.model_index). stage=unet writes it at
+the end of a run (`python -m ldm_train.export` from any checkpoint); generate, the chain and the
+stage's validation samples all go through the one Pipeline object this module writes and reads.
 
     export/
-      model_index.json          diffusers' index: the folder is a StableDiffusionPipeline
-      unet/                     UNet2DConditionModel (the EMA weights after training)
+      model_index.json          diffusers' index: the folder is a StableDiffusionPipeline (or a
+                                StableDiffusion3Pipeline)
+      unet/ or transformer/     UNet2DConditionModel or SD3Transformer2DModel (the EMA weights)
       scheduler/                the scheduler of the default sampler (sampling.sampler), built from
-                                the training scheduler's config as generate builds it
+                                the training scheduler's config as generate builds it (flow:
+                                FlowMatchEulerDiscreteScheduler)
       vae/                      AutoencoderKL; absent in pixel space
       text_encoder/ tokenizer/  transformers CLIPTextModel + CLIPTokenizer whose last_hidden_state is
                                 what the U-Net attends to (a penultimate layer is built in: its
@@ -16,7 +19,7 @@ validation samples all go through the one Pipeline object this module writes and
                                 defaults, the prompts, the training scheduler's config; and where
                                 the parts are (folders inside this one)
 
-StableDiffusionPipeline needs a VAE and a text encoder: a pixel-space or unconditional export is
+Both pipelines need a VAE and a text encoder: a pixel-space or unconditional export is
 ldm_train's own format (the same folder without model_index.json; generate reads it), and so is one
 whose open_clip text tower a CLIPTextModel cannot hold (its CLIP folder is copied instead).
 Folders exported before model_index.json (no train_scheduler in the index) hold the training
@@ -35,11 +38,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm_train.atomic import write_folder
 from ldm_train.diffusion.conditioning import TextEncoder
+from ldm_train.diffusion.denoiser import Denoiser, is_transformer
+from ldm_train.diffusion.model_index import (
+    diffusers_problem,
+    pipeline_class,
+    pipeline_vae,
+    write_model_index,
+)
 from ldm_train.diffusion.sampler import (
     MAX_SIDE,
     SamplingOptions,
@@ -65,7 +81,7 @@ log = logging.getLogger(__name__)
 INDEX = "ldm_train_pipeline.json"
 MODEL_INDEX = StableDiffusionPipeline.config_name  # model_index.json
 SCHEDULER_CONFIG = SchedulerMixin.config_name  # scheduler_config.json
-PARTS = ("unet", "scheduler", "vae", TEXT_ENCODER_DIR, TOKENIZER_DIR)
+PARTS = ("unet", "transformer", "scheduler", "vae", TEXT_ENCODER_DIR, TOKENIZER_DIR)
 INDEX_RULES = {"image_size": Int(1, MAX_SIDE)}
 # Weights from disk, safetensors only: a pickled .bin is never opened (nor its warnings printed).
 SAFE = {"local_files_only": True, "use_safetensors": True}
@@ -75,7 +91,7 @@ SAFE = {"local_files_only": True, "use_safetensors": True}
 class Pipeline:
     """The parts that turn prompts into images, and the defaults to do it with."""
 
-    unet: UNet2DConditionModel
+    unet: Denoiser  # the denoiser: a UNet2DConditionModel or an SD3Transformer2DModel
     scheduler: SchedulerMixin  # the training noise scheduler (its config: betas, prediction type)
     vae: AutoencoderKL | None
     text_encoder: TextEncoder | None
@@ -126,29 +142,21 @@ class Pipeline:
     def write(self, out_dir: Path) -> Path:
         """The folder's content, into an empty folder."""
         sampler = export_sampler(self.sampling.sampler, self.scheduler.config, self.vae is None)
+        net_dir = "transformer" if is_transformer(self.unet) else "unet"
         # diffusers draws sample_size latents by default: the training size's (a pretrained or
-        # earlier U-Net carries the size it was made for; a resolution stage changed it).
+        # earlier net carries the size it was made for; a resolution stage changed it).
         self.unet.register_to_config(sample_size=self.latent_shape[-1])
-        self.unet.save_pretrained(out_dir / "unet")
+        self.unet.save_pretrained(out_dir / net_dir)
         sampler.save_pretrained(out_dir / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(out_dir / "vae")
+        vae = pipeline_vae(self.unet, self.vae) if self.vae is not None else None
+        if vae is not None:
+            vae.save_pretrained(out_dir / "vae")
         text_index, converted = write_text_encoder(self.text_encoder, out_dir)
-        problem = diffusers_problem(self.vae, self.text_encoder, converted)
+        problem = diffusers_problem(self.unet, self.vae, self.text_encoder, converted)
         if problem is None:
-            text_model, tokenizer = converted
-            StableDiffusionPipeline(
-                vae=self.vae,
-                text_encoder=text_model,
-                tokenizer=tokenizer,
-                unet=self.unet,
-                scheduler=sampler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            ).save_config(out_dir)
+            write_model_index(out_dir, self.unet, vae, sampler, converted)
         index = {
-            "unet": "unet",
+            net_dir: net_dir,
             "scheduler": "scheduler",
             "vae": "vae" if self.vae is not None else None,
             **text_index,
@@ -158,13 +166,16 @@ class Pipeline:
             "train_scheduler": json.loads(self.scheduler.to_json_string()),
         }
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+        what, kind = type(self.unet).__name__, pipeline_class(self.unet).__name__
         if problem is None:
-            log.info("exported the U-Net as a diffusers StableDiffusionPipeline to %s", out_dir)
+            log.info("exported the %s as a diffusers %s to %s", what, kind, out_dir)
         else:
             log.info(
-                "exported the U-Net to %s in ldm_train's own format (python -m ldm_train.generate "
-                "reads it), not as a diffusers StableDiffusionPipeline: %s",
+                "exported the %s to %s in ldm_train's own format (python -m ldm_train.generate "
+                "reads it), not as a diffusers %s: %s",
+                what,
                 out_dir,
+                kind,
                 problem,
             )
         return out_dir
@@ -177,14 +188,14 @@ class Pipeline:
         index = read_index(export_dir)
         with reading(export_dir, " (a broken or half-written export? export it again)"):
             parts = {name: part_folder(export_dir, index, name) for name in PARTS}
-            for name in ("unet", "vae"):
+            for name in ("unet", "transformer", "vae"):
                 if parts[name] is not None:
                     check_safetensors(parts[name], f"{export_dir}: {name}")
             vae = None
             if parts["vae"] is not None:
                 vae = AutoencoderKL.from_pretrained(parts["vae"], **SAFE)
             text_encoder = read_text_encoder(parts, index.get("text_layer") or "last")
-            unet = UNet2DConditionModel.from_pretrained(parts["unet"], **SAFE)
+            unet = read_denoiser(export_dir, parts)
             scheduler = train_scheduler(index, parts["scheduler"])
             return cls(
                 unet=unet.to(device).eval(),
@@ -197,12 +208,22 @@ class Pipeline:
             )
 
 
+def read_denoiser(export_dir: Path, parts: dict[str, Path | None]) -> Denoiser:
+    """unet/ (UNet2DConditionModel) or transformer/ (SD3Transformer2DModel), from disk only."""
+    if parts["unet"] is not None:
+        return UNet2DConditionModel.from_pretrained(parts["unet"], **SAFE)
+    if parts["transformer"] is not None:
+        return SD3Transformer2DModel.from_pretrained(parts["transformer"], **SAFE)
+    raise UserError(f"{export_dir / INDEX} names no unet or transformer folder")
+
+
 def export_sampler(name: str, train_config: dict, pixel_space: bool) -> SchedulerMixin:
     """The scheduler/ of the export: the sampler generate builds by default. steps_offset=1 is SD's
     value: the trailing spacing build_sampler sets ignores it, and StableDiffusionPipeline
     rewrites any other value (with a deprecation warning)."""
     sampler = build_sampler(name, train_config, pixel_space)
-    sampler.register_to_config(steps_offset=1)
+    if "steps_offset" in sampler.config:  # not a flow scheduler's option
+        sampler.register_to_config(steps_offset=1)
     return sampler
 
 
@@ -225,21 +246,6 @@ def write_text_encoder(
     save_text_encoder(*converted, out_dir)
     entries = {"text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR, "text_layer": "last"}
     return entries, converted
-
-
-def diffusers_problem(
-    vae: AutoencoderKL | None, text_encoder: TextEncoder | None, converted: tuple | str | None
-) -> str | None:
-    """Why a StableDiffusionPipeline cannot hold these parts; None if it can."""
-    if vae is None:
-        return "it works in pixel space (stage.vae=null) and StableDiffusionPipeline needs a VAE"
-    if text_encoder is None:
-        return "it is unconditional (stage.text_encoder=null); StableDiffusionPipeline needs one"
-    if isinstance(converted, str):
-        return converted
-    if vae.config.get("shift_factor"):
-        return "its VAE has a shift_factor, which StableDiffusionPipeline does not apply"
-    return None
 
 
 def read_index(export_dir: Path) -> dict:
@@ -266,7 +272,7 @@ def part_folder(export_dir: Path, index: dict, name: str) -> Path | None:
     """Where the index says a part is; inside the export folder, never elsewhere on disk."""
     relative = index.get(name)
     if not relative:
-        if name in ("unet", "scheduler"):
+        if name == "scheduler":
             raise UserError(f"{export_dir / INDEX} names no {name} folder")
         return None
     folder = (export_dir / relative).resolve()
@@ -311,7 +317,8 @@ def train_scheduler(index: dict, scheduler_dir: Path) -> SchedulerMixin:
 
 def train_scheduler_class(config: dict) -> type[SchedulerMixin]:
     """The scheduler class a scheduler config names, from the ones stage=unet trains with."""
-    by_name = {cls.__name__: cls for cls in TRAIN_SCHEDULERS.values()}
+    classes = [*TRAIN_SCHEDULERS.values(), FlowMatchEulerDiscreteScheduler]
+    by_name = {cls.__name__: cls for cls in classes}
     name = config.get("_class_name")
     if name not in by_name:
         raise UserError(

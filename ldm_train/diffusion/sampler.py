@@ -10,12 +10,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm_train import progress
-from ldm_train.diffusion.conditioning import TextEncoder, text_context
+from ldm_train.diffusion.conditioning import TextEncoder, pooled_text, text_context
+from ldm_train.diffusion.denoiser import (
+    Denoiser,
+    context_width,
+    is_transformer,
+    patch_size,
+    predict,
+)
+from ldm_train.diffusion.flow import image_seq_len, shift_mu
 from ldm_train.diffusion.latents import decode_latents
-from ldm_train.diffusion.schedule import SAMPLERS, build_sampler
+from ldm_train.diffusion.schedule import ALL_SAMPLERS, build_sampler
 from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import check_fits, vae_scale_factor
 from ldm_train.rules import SEED, Choice, Int, Real, Rule
@@ -25,7 +34,7 @@ MAX_SIDE = 4096  # pixels: the largest width or height generated (the memory gro
 # recorded defaults and the commands' options alike. Guidance >= 1 as diffusers' pipelines read
 # the scale (they guide only above 1), so that an export samples the same in both.
 SAMPLING_RULES: dict[str, Rule] = {
-    "sampler": Choice(SAMPLERS),
+    "sampler": Choice(ALL_SAMPLERS, null=True),  # null: the model's default (ddim; flow: euler)
     "steps": Int(1, 1000),  # and at most the noise schedule's timesteps (sample checks)
     "guidance": Real(1, 100),
     "seed": SEED,
@@ -35,12 +44,13 @@ SAMPLING_RULES: dict[str, Rule] = {
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to sample: the scheduler (ddim | euler | dpmpp), its number of steps, the
-    classifier-free guidance scale (1: no guidance), the seed of the first image, images per
-    forward pass. The defaults are for code that samples without a config (tests, notebooks); an
-    export records the ones it was validated with, and the commands draw with those."""
+    """How to sample: the scheduler (ddim | euler | dpmpp; a flow model: euler | heun | dpmpp;
+    None: ddim, for flow euler), its number of steps, the classifier-free guidance scale (1: no
+    guidance), the seed of the first image, images per forward pass. The defaults are for code
+    that samples without a config (tests, notebooks); an export records the ones it was validated
+    with, and the commands draw with those."""
 
-    sampler: str = "ddim"
+    sampler: str | None = None
     steps: int = 50
     guidance: float = 4.0
     seed: int = 0
@@ -62,20 +72,23 @@ class SamplingOptions:
 
 
 def latent_shape(
-    unet: UNet2DConditionModel, vae: AutoencoderKL | None, size: Sequence[int]
+    net: Denoiser, vae: AutoencoderKL | None, size: Sequence[int]
 ) -> tuple[int, int, int]:
     """What sample() starts from for images of size (width, height): C x height/f x width/f, f the
     VAE's downsampling factor (1 in pixel space). Any size whose sides are multiples of f: the
-    U-Net and the VAE are convolutional (diffusers' U-Net resizes its upsampling to odd sides)."""
-    factor = vae_scale_factor(vae)
+    U-Net and the VAE are convolutional (diffusers' U-Net resizes its upsampling to odd sides); a
+    transformer also needs whole patches."""
+    factor = vae_scale_factor(vae) * patch_size(net)
     width, height = (int(side) for side in size)
     if max(width, height) > MAX_SIDE:
         raise UserError(
             f"size {width}x{height}: each side must be at most {MAX_SIDE} pixels (memory grows "
             "with the area; generate in tiles, or at a smaller size and upscale)"
         )
-    check_fits([(width, height)], factor, "the VAE")
-    return (unet.config.in_channels, height // factor, width // factor)
+    source = "the VAE" if patch_size(net) == 1 else "the VAE times the transformer's patch size"
+    check_fits([(width, height)], factor, source)
+    cells = vae_scale_factor(vae)
+    return (net.config.in_channels, height // cells, width // cells)
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -93,7 +106,7 @@ def per_prompt(prompts: Sequence[str], n: int, seed: int) -> tuple[list[str], li
 
 @torch.no_grad()
 def sample(
-    unet: UNet2DConditionModel,
+    unet: Denoiser,
     scheduler_config: dict,
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -108,7 +121,7 @@ def sample(
     timesteps = scheduler_config.get("num_train_timesteps", 1000)
     if options.steps > timesteps:
         raise UserError(
-            f"steps={options.steps} must be at most the {timesteps} timesteps the U-Net was "
+            f"steps={options.steps} must be at most the {timesteps} timesteps the model was "
             "trained on"
         )
     images = []
@@ -118,21 +131,16 @@ def sample(
         for start in starts:
             batch = slice(start, start + options.batch_size)
             noise = initial_noise(latent_shape, seeds[batch])
+            batch_prompts = list(prompts[batch])
             latents = denoise(
-                unet,
-                scheduler_config,
-                list(prompts[batch]),
-                noise,
-                options,
-                text_encoder,
-                vae is None,
+                unet, scheduler_config, batch_prompts, noise, options, text_encoder, vae is None
             )
             images.append(decode_latents(vae, latents).float().cpu())
     return torch.cat(images)
 
 
 def denoise(
-    unet: UNet2DConditionModel,
+    unet: Denoiser,
     scheduler_config: dict,
     prompts: list[str],
     noise: torch.Tensor,
@@ -143,24 +151,36 @@ def denoise(
     """The sampling loop: the scheduler walks its timesteps from pure noise to a clean latent."""
     device, dtype = unet.device, unet.dtype
     scheduler = build_sampler(options.sampler, scheduler_config, pixel_space)
-    scheduler.set_timesteps(options.steps, device=device)
-    width = unet.config.cross_attention_dim
+    mu = shift_mu(scheduler_config, image_seq_len(noise.shape, patch_size(unet)))
+    scheduler.set_timesteps(options.steps, device=device, **({} if mu is None else {"mu": mu}))
     guided = text_encoder is not None and options.guidance > 1
-    context = text_context(text_encoder, prompts, width, device)
-    if guided:  # classifier-free guidance: one batch with the empty caption, one with the prompt
-        context = torch.cat(
-            [text_context(text_encoder, [""] * len(prompts), width, device), context]
-        )
+    # classifier-free guidance: one batch with the empty caption, one with the prompt
+    captions = ([""] * len(prompts) if guided else []) + list(prompts)
+    context = text_context(text_encoder, captions, context_width(unet), device)
+    pooled = None
+    if is_transformer(unet):
+        pooled = pooled_text(text_encoder, context, captions).to(dtype)
     context = context.to(dtype)
-    latents = noise.to(device) * scheduler.init_noise_sigma
-    for t in progress.tick(scheduler.timesteps):
+
+    def prediction(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        prediction = unet(model_input.to(dtype), t, encoder_hidden_states=context).sample.float()
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + options.guidance * (conditional - unconditional)
-        # The scheduler turns the predicted noise (or velocity) into the next, less noisy latent;
-        # how far it moves is set by its noise schedule, not by a learning rate.
-        latents = scheduler.step(prediction, t, latents).prev_sample
+        output = predict(unet, model_input.to(dtype), t, context, pooled).float()
+        if not guided:
+            return output
+        unconditional, conditional = output.chunk(2)
+        return unconditional + options.guidance * (conditional - unconditional)
+
+    return run_scheduler(scheduler, prediction, noise.to(device))
+
+
+def run_scheduler(scheduler: SchedulerMixin, prediction, noise: torch.Tensor) -> torch.Tensor:
+    """From noise (scaled by the scheduler's init_noise_sigma) along scheduler.timesteps (set):
+    at each, prediction(latents, t) and the scheduler's step to the next, less noisy latent; how
+    far it moves is set by its noise schedule, not by a learning rate. Flow schedulers have no
+    init_noise_sigma or scale_model_input (their input is not rescaled)."""
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    for t in progress.tick(scheduler.timesteps):
+        output = prediction(scale(latents, t), t)
+        latents = scheduler.step(output, t, latents).prev_sample
     return latents

@@ -118,6 +118,11 @@ class ClipTextEncoder(FrozenTextEncoder):
         hidden_states = outputs["text_intermediates"][0]
         return hidden_states, outputs["text_features"]
 
+    def end_positions(self, captions: list[str]) -> torch.Tensor:
+        """The position of each caption's (first) end token: where a CLIPTextModel pools."""
+        tokens = self.tokenizer(list(captions))
+        return (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)
+
     def to_transformers(self) -> tuple[CLIPTextModel, CLIPTokenizer]:
         """Converted: a CLIPTextModel whose last_hidden_state is this encoder's hidden states."""
         model = to_clip_text_model(self.model, self.layer)
@@ -176,6 +181,16 @@ class TransformersTextEncoder(FrozenTextEncoder):
         if penultimate:
             hidden_states = transformer(self.model).final_layer_norm(outputs.hidden_states[-2])
         return hidden_states, outputs.pooler_output
+
+    def end_positions(self, captions: list[str]) -> torch.Tensor:
+        """Where CLIPTextModel pools each caption: its first end token (configs from before
+        transformers fixed eos_token_id, which say 2, pool at the largest id: the end token)."""
+        ids = self.tokenizer(
+            list(captions), padding="max_length", max_length=self.context_length, truncation=True
+        ).input_ids
+        ids = torch.tensor(ids)
+        eos = self.model.config.eos_token_id
+        return ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
 
     def to_transformers(self) -> tuple[CLIPTextModel, CLIPTokenizer]:
         """As loaded; for the penultimate layer without the last one, so that its last_hidden_state

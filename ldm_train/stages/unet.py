@@ -1,13 +1,14 @@
-"""Stage unet: noise prediction at random timesteps in the VAE's latent space, conditioned on the
-frozen text encoder (diffusers UNet2DConditionModel and noise schedulers).
+"""Stage unet: the latent denoiser (a diffusers UNet2DConditionModel, or an SD3Transformer2DModel:
+ldm_train.diffusion.denoiser) learns to predict the noise, the velocity or the flow at random
+timesteps in the VAE's latent space, conditioned on the frozen text encoder.
 
 One training step (training_step):
     captions -> some dropped to "" (conditioning.dropped)
     image B x 3 x H x W  --VAE.encode, sample, * scaling_factor-->  x0 B x 4 x H/f x W/f  (latents)
     captions --frozen text encoder-->  context B x L x D                           (conditioning)
     t ~ U{0 .. T-1}, noise ~ N(0, 1)        (all draws from a generator seeded by seed, rank, step)
-    x_t = scheduler.add_noise(x0, noise, t)
-    loss = MSE(UNet(x_t, t, context), noise or velocity)                 (loss: DiffusionObjective)
+    x_t = scheduler.add_noise(x0, noise, t)   (flow: (1 - sigma) x0 + sigma noise, t = sigma T)
+    loss = MSE(net(x_t, t, context), noise, velocity or noise - x0)      (loss: DiffusionObjective)
 The stage receives its parts ready-made: the net (or its preset as a partial, sized here from the
 parts), the noise scheduler, the Conditioning, the LatentEncoder, the objective and the optimizer.
 """
@@ -20,27 +21,39 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchmetrics import MeanMetric
 
 from ldm_train.callbacks.images import log_image_rows
 from ldm_train.diffusion.conditioning import Conditioning
+from ldm_train.diffusion.denoiser import (
+    DENOISERS,
+    Denoiser,
+    DenoiserFactory,
+    Sizes,
+    build_denoiser,
+    context_key,
+    context_width,
+    is_transformer,
+    patch_size,
+    predict,
+    training_flops,
+)
 from ldm_train.diffusion.ema import EMA
 from ldm_train.diffusion.latents import LatentEncoder, encode_images
 from ldm_train.diffusion.loss import DiffusionObjective, diffusion_loss, sample_noise
 from ldm_train.diffusion.pipeline import Pipeline
+from ldm_train.diffusion.schedule import sampler_name
 from ldm_train.diffusion.sizes import sample_sized
 from ldm_train.distributed import full_weights
 from ldm_train.errors import UserError
 from ldm_train.metrics.validation import ValidationDraws, ValidationOptions
-from ldm_train.perf import Perf, unet_training_flops
+from ldm_train.perf import Perf
 from ldm_train.pretrained import check_unet_fits, is_pretrained
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
 
-UnetFactory = Callable[..., UNet2DConditionModel]
 VALIDATION_SEED = (
     7_777_777  # the validation loss's noise: the same at every validation of every run
 )
@@ -55,48 +68,25 @@ class SamplesBeforeEMA(L.Callback):
         pl_module.validate_samples()
 
 
-def build_net(
-    net: UNet2DConditionModel | UnetFactory, in_channels: int, context_width: int, sample_size: int
-) -> UNet2DConditionModel:
-    """The U-Net, its sizes filled from the upstream parts (keys left null in the preset) or checked
-    against them (keys set there, or a ready-made net): one-line errors for a mismatch."""
-    if not isinstance(net, UNet2DConditionModel):
-        given = dict(getattr(net, "keywords", {}))
-        fill = {
-            "in_channels": in_channels,
-            "out_channels": in_channels,
-            "cross_attention_dim": context_width,
-            "sample_size": sample_size,
-        }
-        net = net(**{k: v for k, v in fill.items() if given.get(k) is None})
-    elif is_pretrained(net):
-        check_unet_fits(net, in_channels, context_width)
-    where = "the VAE's latent channels" if in_channels != 3 else "the image channels"
-    if net.config.in_channels != in_channels:
-        raise UserError(
-            f"model.net.in_channels={net.config.in_channels} does not match {where} "
-            f"({in_channels}); set model.net.in_channels={in_channels} (or null: follow the VAE)"
-        )
-    if net.config.out_channels != in_channels:
-        raise UserError(
-            f"model.net.out_channels={net.config.out_channels} must equal the input channels "
-            f"({in_channels}): the U-Net predicts noise of the input's shape"
-        )
-    if net.config.cross_attention_dim != context_width:
-        raise UserError(
-            f"model.net.cross_attention_dim={net.config.cross_attention_dim} does not match the "
-            f"text encoder's width ({context_width}); set it to null to follow the text encoder"
-        )
-    return net
-
-
-def context_width(net: UNet2DConditionModel | UnetFactory, conditioning: Conditioning) -> int:
-    """The cross-attention width: the text encoder's; unconditional, the net's or preset's (else 1)."""
+def upstream_width(net: Denoiser | DenoiserFactory, conditioning: Conditioning) -> int:
+    """The text hidden states' width: the text encoder's; unconditional, the net's or preset's
+    (else 1)."""
     if conditioning.width is not None:
         return conditioning.width
-    if isinstance(net, UNet2DConditionModel):
-        return net.config.cross_attention_dim
-    return dict(getattr(net, "keywords", {})).get("cross_attention_dim") or 1
+    if isinstance(net, DENOISERS):
+        return context_width(net)
+    return dict(getattr(net, "keywords", {})).get(context_key(net)) or 1
+
+
+def make_denoiser(
+    net: Denoiser | DenoiserFactory, conditioning: Conditioning, latents: LatentEncoder
+) -> Denoiser:
+    """The denoiser (ldm_train.diffusion.denoiser), sized from or checked against the parts."""
+    width = upstream_width(net, conditioning)
+    if is_pretrained(net):
+        check_unet_fits(net, latents.channels, width)
+    side = max(max(h, w) for h, w in latents.latent_sides)
+    return build_denoiser(net, Sizes(latents.channels, width, latents.side, side))
 
 
 def check_ema_decay(decay: float | None) -> float | None:
@@ -108,7 +98,7 @@ def check_ema_decay(decay: float | None) -> float | None:
 class UnetStage(StageModule):
     def __init__(
         self,
-        net: UNet2DConditionModel | UnetFactory,
+        net: Denoiser | DenoiserFactory,
         noise_scheduler: SchedulerMixin,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -120,16 +110,18 @@ class UnetStage(StageModule):
         validation: ValidationOptions | Mapping | None = None,
         perf: Perf | None = None,
     ):
-        """net: a UNet2DConditionModel, or its preset (a partial) sized from the parts."""
+        """net: a UNet2DConditionModel or SD3Transformer2DModel, or its preset (a partial) sized
+        from the parts."""
         super().__init__(optimizer, lr_scheduler, perf)
         self.conditioning = conditioning or Conditioning()
         self.latents = latents or LatentEncoder()
-        width = context_width(net, self.conditioning)
-        self.net = self.perf.apply(build_net(net, self.latents.channels, width, self.latents.side))
+        self.net = self.perf.apply(make_denoiser(net, self.conditioning, self.latents))
         self.noise_scheduler = noise_scheduler
         self.loss = loss or DiffusionObjective()
+        self.loss.check(noise_scheduler)
         self.ema_decay, self.seed = check_ema_decay(ema_decay), seed
         self.validation = ValidationOptions.parse(validation)
+        sampler_name(self.validation.sampling.sampler, noise_scheduler.config)  # fits the objective
         self.samples = ValidationDraws(self.validation)
         self.val_loss = MeanMetric()
         self.val_loss_at = torch.nn.ModuleList(MeanMetric() for _ in self.fixed_timesteps())
@@ -172,24 +164,28 @@ class UnetStage(StageModule):
 
     # -- training ---------------------------------------------------------------------------------
     def context(self, captions: Sequence[str]) -> torch.Tensor:
-        width = self.net.config.cross_attention_dim
+        width = context_width(self.net)
         return self.conditioning.context(captions, width, self.device).to(self.net.dtype)
 
-    def predictor(self, context: torch.Tensor) -> Callable:
-        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_t = self.perf.input(x_t.to(self.net.dtype))
-            return self.net(x_t, t, encoder_hidden_states=context).sample
+    def predictor(self, context: torch.Tensor, captions: Sequence[str]) -> Callable:
+        """predict(x_t, t) of the net given the captions' context (the captions as used: dropped
+        ones as ""; the transformer also reads their pooled vector)."""
+        pooled = self.conditioning.pooled(context, captions) if is_transformer(self.net) else None
 
-        return predict
+        def predict_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_t = self.perf.input(x_t.to(self.net.dtype))
+            return predict(self.net, x_t, t, context, pooled)
+
+        return predict_noise
 
     @property
     def flops_per_batch(self) -> int | None:
-        """U-Net forward + backward FLOPs of the latest training batch, counted once per batch
+        """The net's forward + backward FLOPs of the latest training batch, counted once per batch
         shape when asked: Lightning's ThroughputMonitor reads it to log FLOP/s and, on GPUs, the
         model FLOP utilisation."""
         shapes = self._batch_shapes
         if shapes is not None and shapes not in self._flops:
-            self._flops[shapes] = unet_training_flops(dict(self.net.config), *shapes)
+            self._flops[shapes] = training_flops(self.net, *shapes)
         return self._flops.get(shapes)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -199,13 +195,14 @@ class UnetStage(StageModule):
         dropped = self.conditioning.dropped(len(batch["caption"]), generator, self.device)
         with torch.no_grad():
             x0 = self.latents.batch_latents(batch, generator, self.device)
-            width = self.net.config.cross_attention_dim
+            width = context_width(self.net)
             context = self.conditioning.batch_context(batch, dropped, width, self.device)
             context = context.to(self.net.dtype)
         self._batch_shapes = (tuple(x0.shape), tuple(context.shape))
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t, noise = self.loss.draw(x0, steps, generator)
-        losses = self.loss(self.predictor(context), self.noise_scheduler, x0, t, noise)
+        t, noise = self.loss.draw(x0, self.noise_scheduler, generator, patch_size(self.net))
+        captions = ["" if d else c for c, d in zip(batch["caption"], dropped, strict=True)]
+        predict_noise = self.predictor(context, captions)
+        losses = self.loss(predict_noise, self.noise_scheduler, x0, t, noise)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=True, batch_size=len(x0))
         return sum(losses.values())
@@ -219,11 +216,12 @@ class UnetStage(StageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         generator = step_generator(self.device, self.seed, VALIDATION_SEED, batch_idx)
         x0 = encode_images(self.latents.vae(self.device), batch["image"], generator)
-        predict = self.predictor(self.context(batch["caption"]))
+        predict_noise = self.predictor(self.context(batch["caption"]), batch["caption"])
         noise = sample_noise(x0.shape, generator, self.device)  # no offset: comparable across runs
         for metric, step in zip(self.val_loss_at, self.fixed_timesteps(), strict=True):
             t = torch.full((len(x0),), step, device=self.device, dtype=torch.long)
-            loss = diffusion_loss(predict, self.noise_scheduler, x0, t, noise, None)["mse"]
+            # Unweighted (plain MSE to the target), at fixed t: comparable across runs.
+            loss = diffusion_loss(predict_noise, self.noise_scheduler, x0, t, noise)["mse"]
             metric.update(loss)
             self.val_loss.update(loss)
         self.log("val/mse", self.val_loss, prog_bar=True, batch_size=len(x0))
