@@ -61,6 +61,7 @@ PARTS = {
         "ldm_train.diffusion.loss.DiffusionObjective",
         "diffusers.AutoencoderKL",
         "diffusers.UNet2DConditionModel",
+        "diffusers.SD3Transformer2DModel",
         "diffusers.optimization.get_constant_schedule_with_warmup",
         "diffusers.optimization.get_cosine_schedule_with_warmup",
         "open_clip.tokenizer.SimpleTokenizer",
