@@ -32,6 +32,8 @@ def check_values(cfg: DictConfig) -> None:
     if lr is not None and (not is_number(lr) or lr <= 0):
         raise UserError(f"model.lr={lr!r} must be a number > 0 (e.g. model.lr=1e-4)")
     check_devices(cfg.trainer)
+    if cfg.get("adapter") and cfg.stage.name != "unet":  # only stage=unet's config reads it
+        raise UserError(f"adapter=lora adapts stage=unet only, not stage={cfg.stage.name}")
 
 
 def is_number(value: Any) -> bool:

@@ -1,12 +1,13 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
     [--n 4] [--seed 0] [--steps 50] [--guidance 4.0] [--sampler ddim|euler|dpmpp]
-    [--width W --height H] --out DIR
+    [--width W --height H] [--lora PATH [--lora-scale S]]... --out DIR
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
 diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
 DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in images.json) and grid.png (a row
 per prompt). Image j of every prompt starts from the noise of seed + j: the same seed gives the same
-images.
+images. --lora applies a LoRA adapter (a LoRA run's export, or a file in diffusers' or kohya's
+layout) at --lora-scale (default 1); repeat both for several.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ldm_train import quiet
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
+from ldm_train.formats.lora_file import lora_specs
 
 log = logging.getLogger("ldm_train.generate")
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--height", type=int, help="pixels (default: the export's image size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    parser.add_argument("--lora", action="append", help="a LoRA adapter: folder or .safetensors")
+    parser.add_argument("--lora-scale", action="append", type=float, help="per --lora (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet.install()  # library notes a user cannot act on (ldm_train/quiet.py)
@@ -71,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.n < 1:
             raise UserError(f"--n {args.n}: need at least 1 image per prompt")
         pipeline = Pipeline.load(args.export_dir, args.device)
+        pipeline.add_loras(lora_specs(args.lora, args.lora_scale))
         prompts = read_prompts(args.prompt, args.prompts_file)
         if not prompts:
             if pipeline.text_encoder is not None:
