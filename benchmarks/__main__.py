@@ -1,8 +1,9 @@
 """python -m benchmarks (make bench): run every benchmark and print its ratios, one line a figure.
-One benchmark: python -m benchmarks.<loader|buckets|overhead|cache|memory>."""
+One benchmark: python -m benchmarks.<loader|buckets|overhead|cache|memory|lora|concept>
+(concept: when make demo's exports are there)."""
 
-from benchmarks import buckets, cache, loader, memory, overhead
+from benchmarks import buckets, cache, concept, loader, lora, memory, overhead
 
 if __name__ == "__main__":
-    for benchmark in (loader, buckets, overhead, cache, memory):
+    for benchmark in (loader, buckets, overhead, cache, memory, lora, concept):
         benchmark.main()

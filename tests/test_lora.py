@@ -36,6 +36,7 @@ from ldm_train.diffusion.sampler import SamplingOptions
 from ldm_train.diffusion.schedule import build_noise_scheduler
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder
 from ldm_train.errors import UserError
+from ldm_train.export import export_checkpoint
 from ldm_train.formats.lora_file import INFO, KOHYA_WEIGHTS, WEIGHTS, LoraSpec
 from ldm_train.generate import main as generate_main
 from ldm_train.stages.unet import check_ema_decay
@@ -151,6 +152,16 @@ def test_only_the_adapter_trains_and_the_checkpoint_holds_no_base_weight(lora_ru
     assert adapter_bytes * 100 < base_bytes
     assert {path.name for path in export.iterdir()} == {WEIGHTS, KOHYA_WEIGHTS, INFO}
     assert {"train/mse", "train/prior_mse"} <= set(metrics)  # the last batch held class images
+
+
+def test_an_export_from_the_checkpoint_is_the_same_adapter(lora_run, tmp_path):
+    """python -m ldm_train.export: the stage rebuilt from its config (the base from
+    model.pretrained), the checkpoint's adapter loaded into it."""
+    _, export, run_dir, _ = lora_run
+    again = export_checkpoint(run_dir, tmp_path / "again")
+    first, second = (safetensors.torch.load_file(folder / WEIGHTS) for folder in (export, again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 @pytest.fixture
