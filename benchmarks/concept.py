@@ -2,22 +2,24 @@
 maker draws stars (a shape the shapes set lacks), experiment=lora trains an adapter on `make
 demo`'s U-Net export, and four figures compare the base and the adapted model:
 
-- star prompts ("a large red star in the center on a blue background", data.prompts with the shape
-  swapped): the share of images that show a star, base and adapted;
-- the old prompts (data.prompts): the chain's judge (ldm_train.metrics.prompt_accuracy, the trained
+- star prompts ("a large red star in the center on a blue background"): the share of images that
+  show a star, base and adapted;
+- the old prompts (data.prompts): the chain's judge (ldm_train.metrics.prompt_accuracy: the trained
   CLIP's zero-shot shape and colour), base and adapted.
 
 The trained CLIP has never read "star" either, so its zero-shot classifier cannot name stars (its
-accuracy on rendered stars is printed as well): star images are judged by the same CLIP's image
-features instead, each image classed with the nearest of five prototypes, the mean embedding of
-rendered circles, squares, triangles, crosses and stars (the judge's accuracy on other renders is
-printed). Colour on the star prompts is the zero-shot colour judge, whose words CLIP knows.
+accuracy on rendered stars is printed): star prompts are judged by the same CLIP's image features
+instead, each image matched with renders of what its prompt asks (colour, size, position,
+background) as each of the five shapes; the nearest names its shape (the judge's accuracy on
+renders is printed). Colour on the star prompts is the zero-shot colour judge: CLIP knows those
+words.
 
-    python -m benchmarks.concept [--base outputs/shapes/unet/export] [--clip outputs/shapes/clip/export]
+    python -m benchmarks.concept [--base outputs/shapes/unet/export]
+      [--clip outputs/shapes/clip/export] [--steps 300]
       [--prior]   (DreamBooth: as many class images of the old prompts, drawn by the base, mixed in)
 
-make bench runs it when make demo's exports are there. Run it with OMP_NUM_THREADS=1 on a shared
-machine (it prints the CPU minutes it took).
+make bench runs it when make demo's exports are there. On a shared machine run it with
+OMP_NUM_THREADS=1 (it prints the CPU minutes it took).
 """
 
 from __future__ import annotations
@@ -27,13 +29,21 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from benchmarks.common import setup_process
 from ldm_train.adapters.class_images import write_class_images
 from ldm_train.config import compose_config
-from ldm_train.data.shapes import NEW_SHAPES, SHAPES, make_shapes_dataset, render, sample_attributes
+from ldm_train.data.shapes import (
+    NEW_SHAPES,
+    SHAPES,
+    caption,
+    make_shapes_dataset,
+    render,
+    sample_attributes,
+)
 from ldm_train.data.shards import shard_urls
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions
@@ -60,66 +70,86 @@ TRAIN = [  # over experiment=lora
 ]
 
 
-def renders(shape: str, count: int, seed: int) -> torch.Tensor:
-    """count rendered images of a shape, random attributes, in [-1, 1]."""
-    rng = random.Random(f"concept/{shape}/{seed}")
-    images = [render(sample_attributes(rng, (shape,)), 32) for _ in range(count)]
-    pixels = torch.stack([torch.tensor(list(image.getdata())).view(32, 32, 3) for image in images])
+def as_tensor(images: list) -> torch.Tensor:
+    """PIL images -> N x 3 x H x W in [-1, 1]."""
+    pixels = torch.stack([torch.from_numpy(np.array(image)) for image in images])
     return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def new_prompts(count: int = 8) -> list[dict]:
+    """Prompts of the new shape: attributes drawn once (fixed seed), and their captions."""
+    rng = random.Random("concept/prompts")
+    attributes = [{**sample_attributes(rng, (NEW,)), "jitter": [0, 0]} for _ in range(count)]
+    return [{"caption": caption(a), **a} for a in attributes]
+
+
 class ShapeJudge:
-    """Nearest prototype in CLIP image-embedding space, one per shape (mean of 64 renders)."""
+    """Which shape an image shows: the nearest, in the CLIP's image embedding, of five renders of
+    what its prompt asks (colour, size, position, background) as each shape. All else equal, the
+    shape is what sets the five apart."""
 
     def __init__(self, clip_dir: Path):
         self.features = ClipImageFeatures(load_clip(clip_dir))
         self.shapes = [*SHAPES, NEW]
-        prototypes = [self.embed(renders(shape, 64, seed=0)).mean(0) for shape in self.shapes]
-        self.prototypes = torch.nn.functional.normalize(torch.stack(prototypes), dim=-1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.features(images), dim=-1)
 
-    def shares(self, images: torch.Tensor) -> dict[str, float]:
-        """The share of images classed as each shape."""
-        classes = (self.embed(images) @ self.prototypes.T).argmax(-1)
-        return {s: float((classes == i).float().mean()) for i, s in enumerate(self.shapes)}
+    def classify(self, images: torch.Tensor, attributes: list[dict]) -> list[str]:
+        references = [render({**a, "shape": s}, 32) for a in attributes for s in self.shapes]
+        candidates = self.embed(as_tensor(references)).view(len(images), len(self.shapes), -1)
+        best = (candidates @ self.embed(images)[:, :, None]).squeeze(-1).argmax(-1)
+        return [self.shapes[int(i)] for i in best]
 
-    def accuracy_on_renders(self) -> float:
-        """On renders it has not seen (another seed): its own accuracy, all shapes."""
-        right = [self.shares(renders(shape, 32, seed=1))[shape] for shape in self.shapes]
-        return sum(right) / len(right)
+    def accuracy_on_renders(self, count: int = 40) -> dict[str, float]:
+        """Per shape, on renders with their position jitter (the references have none)."""
+        rng, right = random.Random("concept/judge"), {}
+        for shape in self.shapes:
+            attributes = [sample_attributes(rng, (shape,)) for _ in range(count)]
+            images = as_tensor([render(a, 32) for a in attributes])
+            found = self.classify(images, [{**a, "jitter": [0, 0]} for a in attributes])
+            right[shape] = sum(f == shape for f in found) / count
+        return right
 
 
-def star_prompts(prompts: list[dict]) -> list[dict]:
-    """data.prompts with the shape swapped for the new one."""
-    return [{**p, "caption": p["caption"].replace(p["shape"], NEW), "shape": NEW} for p in prompts]
-
-
-def measure(pipeline: Pipeline, judge: ShapeJudge, clip: Path, cfg, prompts) -> dict[str, float]:
+def measure(pipeline: Pipeline, judge: ShapeJudge, clip: Path, cfg) -> dict[str, float]:
+    """The chain's judge on the old prompts; the shape judge and zero-shot colour on the new."""
     tasks = parse_zero_shot(cfg.data.zero_shot)
-    captions, labels = prompt_labels(prompts)
+    captions, labels = prompt_labels(OmegaConf.to_container(cfg.data.prompts, resolve=True))
     old = pipeline.generate(captions, N_PER_PROMPT, SAMPLING)
     repeated = [label for label in labels for _ in range(N_PER_PROMPT)]
     figures = {"old_" + k: v for k, v in prompt_accuracy(clip, old, repeated, tasks).items()}
-    captions, labels = prompt_labels(star_prompts(prompts))
-    new = pipeline.generate(captions, N_PER_PROMPT, SAMPLING)
-    figures[f"{NEW}_share"] = judge.shares(new)[NEW]
-    colours = [{"colour": label["colour"]} for label in labels for _ in range(N_PER_PROMPT)]
-    colour_task = {"colour": tasks["colour"]}
-    figures[f"{NEW}_colour_acc"] = prompt_accuracy(clip, new, colours, colour_task)["colour_acc"]
+    stars = new_prompts()
+    new = pipeline.generate([p["caption"] for p in stars], N_PER_PROMPT, SAMPLING)
+    repeated = [p for p in stars for _ in range(N_PER_PROMPT)]
+    found = judge.classify(new, repeated)
+    figures[f"{NEW}_share"] = sum(shape == NEW for shape in found) / len(found)
+    colours = [{"colour": p["colour"]} for p in repeated]
+    colour = prompt_accuracy(clip, new, colours, {"colour": tasks["colour"]})
+    figures[f"{NEW}_colour_acc"] = colour["colour_acc"]
     return figures
 
 
-def concept_data(tmp: Path, base: Path, prompts: list[dict], prior: bool) -> str:
-    """The star shards (and, with prior, as many class images of the old prompts by the base)."""
-    root = make_shapes_dataset(tmp / "stars", 32, IMAGES, 8, 1, 1, seed=1, shapes=(NEW,))
+def judges(judge: ShapeJudge, clip: Path, cfg) -> str:
+    """How well the shape judge and the zero-shot judge (with the new word added) tell stars."""
+    right = ", ".join(f"{s} {v:.2f}" for s, v in judge.accuracy_on_renders().items())
+    shape = parse_zero_shot(cfg.data.zero_shot)["shape"]
+    words = {"shape": type(shape)(shape.label_key, (*SHAPES, NEW), shape.templates)}
+    stars = new_prompts(40)
+    images = as_tensor([render(a, 32) for a in stars])
+    text = prompt_accuracy(clip, images, stars, words)["shape_acc"]
+    return f"shape judge on renders: {right}; zero-shot with the word '{NEW}' on stars: {text:.2f}"
+
+
+def concept_data(out: Path, base: Path, cfg, prior: bool) -> str:
+    """The star shards (with prior, as many class images of the old prompts, drawn by the base)."""
+    root = make_shapes_dataset(out / "stars", 32, IMAGES, 8, 1, 1, seed=1, shapes=(NEW,))
     urls = [shard_urls(root, "train", 1)]
     if prior:
-        captions = prompt_labels(prompts)[0]
+        captions = prompt_labels(OmegaConf.to_container(cfg.data.prompts, resolve=True))[0]
         n = IMAGES // len(captions)
         images = Pipeline.load(base).generate(captions, n, SAMPLING)
-        urls.append(write_class_images(images, captions, n, 0, tmp / "class"))
+        urls.append(write_class_images(images, captions, n, 0, out / "class"))
     return "[" + ",".join(f"'{url}'" for url in urls) + "]"
 
 
@@ -131,37 +161,29 @@ def main() -> None:
     parser.add_argument("--prior", action="store_true", help="DreamBooth's class images too")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"LoRA steps ({STEPS})")
     args = parser.parse_args()
-    setup_process()
-    started, cpu = time.monotonic(), time.process_time()
     base, clip = args.base.resolve(), args.clip.resolve()
     if not (base.is_dir() and clip.is_dir()):
         print(f"concept: no export at {args.base} and {args.clip}: run make demo first")
         return
-    cfg = compose_config(["data=shapes"])  # its prompts and zero-shot tasks
-    prompts = OmegaConf.to_container(cfg.data.prompts, resolve=True)
+    setup_process()
+    started, cpu = time.monotonic(), time.process_time()
+    cfg = compose_config(["data=shapes"])  # the prompts and the zero-shot tasks
     judge = ShapeJudge(clip)
-    zero_shot = parse_zero_shot(cfg.data.zero_shot)["shape"]
-    words = {"shape": type(zero_shot)(zero_shot.label_key, (*SHAPES, NEW), zero_shot.templates)}
-    stars = [{"shape": NEW}] * 32
-    text_judge = prompt_accuracy(clip, renders(NEW, 32, seed=1), stars, words)["shape_acc"]
-    print(
-        f"judges on rendered images: prototypes {judge.accuracy_on_renders():.3f} (5 shapes); "
-        f"zero-shot with the word '{NEW}' {text_judge:.3f} on stars"
-    )
-    urls = concept_data(args.out, base, prompts, args.prior)
+    print(judges(judge, clip, cfg))
+    urls = concept_data(args.out.resolve(), base, cfg, args.prior)
     overrides = ["experiment=lora", f"model.pretrained={base}", f"data.train_urls={urls}", *TRAIN]
-    overrides.append(f"trainer.max_steps={args.steps}")
-    _, objects = train(compose_config([*overrides, f"paths.output_root={args.out}"]))
-    before = measure(Pipeline.load(base), judge, clip, cfg, prompts)
+    overrides += [f"trainer.max_steps={args.steps}", f"paths.output_root={args.out.resolve()}"]
+    _, objects = train(compose_config(overrides))
+    before = measure(Pipeline.load(base), judge, clip, cfg)
     adapted = Pipeline.load(base)
     adapted.add_loras([LoraSpec(objects["export_dir"])])
-    after = measure(adapted, judge, clip, cfg, prompts)
+    after = measure(adapted, judge, clip, cfg)
     for name in before:
         print(f"{name:>18s}: base {before[name]:.3f} -> adapted {after[name]:.3f}")
     data = f"{IMAGES} {NEW} images" + (" + as many class images" if args.prior else "")
     wall, cpu = (time.monotonic() - started) / 60, (time.process_time() - cpu) / 60
     print(
-        f"{data}, {args.steps} steps, {N_PER_PROMPT} images per prompt; {wall:.1f} min wall, "
+        f"{data}, {args.steps} LoRA steps, {N_PER_PROMPT} images per prompt: {wall:.1f} min wall, "
         f"{cpu:.1f} min CPU of this process"
     )
 

@@ -6,7 +6,7 @@ LoRA and full fits in one process (best of RUNS); peak memory is each in a fresh
 peak RSS never goes down): the rise of the peak over the process before fit, i.e. gradients,
 optimizer states and activations (CUDA's peak allocation on a GPU).
 
-    python -m benchmarks.lora            (part of make bench; the concept figures: benchmarks.concept)
+    python -m benchmarks.lora      (part of make bench; the concept figures: benchmarks.concept)
 """
 
 from __future__ import annotations

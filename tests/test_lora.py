@@ -98,8 +98,8 @@ def class_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_overrides, base, class_shards) -> tuple:
-    """(the stage, its export, its run dir, its metrics): 3 steps of adapter=lora on the base export, with
-    class images among the instance images."""
+    """(the stage, its export, its run dir, its metrics): 3 steps of adapter=lora on the base
+    export, with class images among the instance images."""
     tmp = tmp_path_factory.mktemp("lora")
     overrides = tiny_overrides(tmp / "outputs")
     instance = next(o for o in overrides if o.startswith("data.train_urls="))

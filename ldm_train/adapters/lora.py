@@ -64,7 +64,7 @@ class LoraAdapter:
             raise UserError(f"adapter.text_encoder_lr={self.text_encoder_lr}; need > 0 (or null)")
 
     def config(self, targets: Sequence[str]) -> LoraConfig:
-        # "gaussian": A ~ N(0, 1/r), B = 0 (diffusers' examples): the adapted model starts as the base.
+        # "gaussian": A ~ N(0, 1/r), B = 0 (diffusers' examples): it starts as the base model.
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -119,8 +119,8 @@ class LoraAdapter:
             )
         if conditioning.cache.size > 0:
             raise UserError(
-                "adapter.text_encoder=true: the text encoder trains, so its hidden states cannot be "
-                "kept; set stage.module.conditioning.cache_size=0"
+                "adapter.text_encoder=true: the text encoder trains, so its hidden states "
+                "cannot be kept; set stage.module.conditioning.cache_size=0"
             )
         return encoder.model
 

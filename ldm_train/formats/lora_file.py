@@ -8,8 +8,8 @@ encoder. One module owns the format (DESIGN.md, 13):
                                                part in the file's metadata, as save_lora_weights
                                                writes it)
       pytorch_lora_weights_kohya.safetensors   optional: kohya's / webui's layout (lora_unet_*,
-                                               lora_te_*, with .alpha), for ComfyUI, A1111, sd-scripts
-      ldm_train_lora.json                      what trained it: rank, alpha, parts, the base it adapts
+                                               lora_te_*, with .alpha): ComfyUI, A1111, sd-scripts
+      ldm_train_lora.json                      what trained it: rank, alpha, parts, its base
 
 Every step is diffusers' or peft's own (get_peft_model_state_dict, convert_state_dict_to_diffusers,
 save_lora_weights, convert_state_dict_to_kohya, lora_state_dict, load_lora_adapter, set_adapters,
@@ -107,7 +107,7 @@ def save_lora(
     kohya: bool = False,
     info: dict | None = None,
 ) -> Path:
-    """The adapter files of a denoiser (and text encoder) that carry a peft adapter, into out_dir."""
+    """The adapter files of a denoiser (and a text encoder) that carry a peft adapter."""
     out_dir.mkdir(parents=True, exist_ok=True)
     part = prefix(denoiser)
     layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(peft_layers(denoiser))}

@@ -333,7 +333,7 @@ class UnetStage(StageModule):
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
     def export(self, out_dir):
         """The pipeline folder (ldm_train.diffusion.pipeline), with the weights this module holds:
-        the EMA's after training. With an adapter, the adapter's folder (ldm_train.formats.lora_file)."""
+        the EMA's after training. With an adapter: the adapter's folder (formats/lora_file.py)."""
         if self.adapter is not None:
             return self.adapter.save(out_dir, self.net, self.text_model)
         return self.pipeline().save(out_dir)
