@@ -31,6 +31,8 @@ def check_values(cfg: DictConfig) -> None:
     check_clip_size(cfg)
     check_schedule(cfg)
     check_devices(cfg.trainer)
+    if cfg.get("adapter") and cfg.stage.name != "unet":  # only stage=unet's config reads it
+        raise UserError(f"adapter=lora adapts stage=unet only, not stage={cfg.stage.name}")
 
 
 def check_schedule(cfg: DictConfig) -> None:

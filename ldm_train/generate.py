@@ -1,14 +1,17 @@
 """python -m ldm_train.generate EXPORT_DIR --prompt "a red circle" [--prompt ...] [--prompts-file F]
     [--n 4] [--sampler ddim|euler|heun|dpmpp] [--steps S] [--guidance G] [--seed N]
-    [--batch-size B] [--width W --height H] [--device D] [--out DIR]
+    [--batch-size B] [--width W --height H] [--lora PATH [--lora-scale S]]... [--device D]
+    [--out DIR]
 
 Turns prompts into images with the folder `stage=unet` exports (outputs/<experiment>/unet/export, a
 diffusers StableDiffusionPipeline folder, or one exported before that layout): one PNG per image in
 DIR (<prompt#>-<image#>.png, listed with their prompts and seeds in images.json) and grid.png (a row
 per prompt). Image j of every prompt starts from the noise of seed + j: the same seed gives the same
 images. A sampling option not given is the export's (the sampling it recorded, its image size).
-DIR is written whole (a fresh folder beside it, moved into place): an earlier output of generate
-there is replaced, a folder of other files is refused.
+--lora applies a LoRA adapter (a LoRA run's export, or a file in diffusers' or kohya's layout) at
+--lora-scale (default 1); repeat both for several. DIR is written whole (a fresh folder beside
+it, moved into place): an earlier output of generate there is replaced, a folder of other files
+is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from ldm_train.atomic import check_ours, write_folder
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
+from ldm_train.formats.lora_file import lora_specs
+from ldm_train.rules import Real
 
 log = logging.getLogger("ldm_train.generate")
 KNOWN = ("images.json",)  # what marked generate's output before the marker file
@@ -60,6 +65,9 @@ def parse_args(argv: Sequence[str] | None):
     cli.add_image_options(parser, sizes=True)
     cli.add_sampling_options(parser)
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    parser.add_argument("--lora", action="append", help="a LoRA adapter: folder or .safetensors")
+    scale = cli.typed(Real(-100, 100))
+    parser.add_argument("--lora-scale", action="append", type=scale, help="per --lora (default 1)")
     return parser.parse_args(argv)
 
 
@@ -67,6 +75,7 @@ def generate(args) -> int:
     out = Path(args.out)
     check_ours(out, "--out", KNOWN)  # before the work, not after it
     pipeline = Pipeline.load(args.export_dir, cli.device(args.device))
+    pipeline.add_loras(lora_specs(args.lora, args.lora_scale))
     prompts = read_prompts(args.prompt, args.prompts_file)
     if not prompts:
         if pipeline.text_encoder is not None:

@@ -59,6 +59,7 @@ PARTS = {
         "ldm_train.diffusion.conditioning.Conditioning",
         "ldm_train.diffusion.text_encoder.load_text_encoder",
         "ldm_train.diffusion.loss.DiffusionObjective",
+        "ldm_train.adapters.lora.LoraAdapter",
         "diffusers.AutoencoderKL",
         "diffusers.UNet2DConditionModel",
         "diffusers.SD3Transformer2DModel",

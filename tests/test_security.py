@@ -113,6 +113,28 @@ def test_a_target_that_runs_code_in_a_run_config_is_refused(vae_run, tmp_path):
     check_node({"_target_": "collections.OrderedDict"}, "<root>", "config.yaml", trusted)
 
 
+def presets() -> list[list[str]]:
+    """Every stage with each of its model presets (conf/model/<stage>/), and LoRA."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    runs = [
+        [f"stage={stage}", f"model={stage}/{preset.stem}"]
+        for stage in ("clip", "vae", "unet")
+        for preset in sorted((conf / stage).glob("*.yaml"))
+    ]
+    return [*runs, ["stage=unet", "adapter=lora"], ["stage=unet", "experiment=lora"]]
+
+
+@pytest.mark.parametrize("overrides", presets(), ids=" ".join)
+def test_every_preset_rebuilds_from_the_registry(overrides):
+    """What export rebuilds (stage.module of a run's config.yaml) names registered parts only, for
+    every preset: a part missing from safety.PARTS would make the run's own export refuse it."""
+    from ldm_train.config import compose_config
+
+    module = compose_config(overrides).stage.module
+    plain = OmegaConf.to_container(module, resolve=True)
+    assert callable(check_node(plain, "stage.module", "config.yaml", Trusted())["_target_"])
+
+
 def test_a_registered_part_takes_only_its_own_fields_and_plain_values():
     vae = {"_target_": "ldm_train.formats.vae_folder.load_vae", "path": None}
     check_node(vae, "x", "config.yaml", Trusted())

@@ -6,9 +6,11 @@ text-to-image mapping in minutes and its samples can be checked by eye.
 
     python -m ldm_train.data.shapes --out data/shapes-32 --image-size 32
     python -m ldm_train.data.shapes --out DIR --canvas 32x32 --canvas 48x32 --canvas 32x48
+    python -m ldm_train.data.shapes --out DIR --shape star --n-train 40 --train-shards 1
 
 --canvas: non-square images too (data=shapes_mixed); positions are fractions of each side and
-shape sizes of the shorter side, so captions mean the same on every canvas.
+shape sizes of the shorter side, so captions mean the same on every canvas. --shape: only these
+shapes, NEW_SHAPES too (a concept to teach a trained model: README "Adapt a model with LoRA").
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -34,6 +37,7 @@ from ldm_train.data.shards import shard_paths, shard_urls
 logger = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+NEW_SHAPES: tuple[str, ...] = ("star",)  # drawable, but never in the default dataset
 # Hues kept at least ~130 apart in RGB so that no two names blur together after downsampling.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -62,11 +66,11 @@ TAR_MTIME = 0
 PARAMS_FILE = "shapes.json"  # the settings a folder was made with, to flag a stale dataset
 
 
-def sample_attributes(rng: random.Random) -> dict:
+def sample_attributes(rng: random.Random, shapes: Sequence[str] = SHAPES) -> dict:
     """Draw one attribute dict; the background colour always differs from the shape colour."""
     colour = rng.choice(list(COLOURS))
     return {
-        "shape": rng.choice(SHAPES),
+        "shape": rng.choice(shapes),
         "colour": colour,
         "size": rng.choice(SIZES),
         "position": rng.choice(POSITIONS),
@@ -134,8 +138,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, hal
         arm = half / 3  # thick arms: a thin plus sign melts into a blob at 32 px
         draw.rectangle((cx - half, cy - arm, cx + half, cy + arm), fill=fill)
         draw.rectangle((cx - arm, cy - half, cx + arm, cy + half), fill=fill)
+    elif shape == "star":  # five points up; a wide core, so that small stars stay stars at 32 px
+        tips = [(half * (0.5 if k % 2 else 1.0), math.pi * (k / 5 - 0.5)) for k in range(10)]
+        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in tips], fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NEW_SHAPES}")
 
 
 def render(attrs: dict, image_size: int, height: int | None = None) -> Image.Image:
@@ -198,6 +205,7 @@ def _write_split(
     seed: int,
     progress_bar: tqdm,
     canvases: Sequence[Sequence[int]] | None = None,
+    shapes: Sequence[str] = SHAPES,
 ) -> None:
     # One attribute stream per split, cut into shards afterwards: the samples do not depend on
     # the number of shards. Canvases come from a stream of their own: the attributes (and the
@@ -209,7 +217,7 @@ def _write_split(
     for path, start, end in zip(paths, bounds[:-1], bounds[1:], strict=True):
         with wds.TarWriter(str(path), mtime=TAR_MTIME) as writer:
             for index in range(start, end):
-                attrs = sample_attributes(rng)
+                attrs = sample_attributes(rng, shapes)
                 if canvases:
                     attrs["canvas"] = list(canvas_rng.choice(canvases))
                 writer.write(_encode_sample(f"{split}-{index:08d}", attrs, image_size))
@@ -259,19 +267,22 @@ def make_shapes_dataset(
     seed: int = 0,
     progress: bool = True,
     canvases: Sequence[Sequence[int]] | None = None,
+    shapes: Sequence[str] | None = None,
 ) -> Path:
     """Write the shapes dataset into out_dir (train-*.tar, val-*.tar) unless it is already there.
 
     Same arguments give byte-identical shards. Writing goes to a sibling temporary folder that
     is renamed into place at the end, so an interrupted or concurrent run never leaves a partial
     dataset under out_dir. canvases: [width, height] sizes each sample draws one of (uniformly);
-    None: every image image_size square.
+    None: every image image_size square. shapes: the ones drawn (None: SHAPES; NEW_SHAPES too).
     """
     out_dir = Path(out_dir)
     params = {"image_size": image_size, "n_train": n_train, "n_val": n_val, "seed": seed}
     if canvases:
         canvases = [[int(side) for side in canvas] for canvas in canvases]
         params["canvases"] = canvases
+    if shapes:  # unknown ones: _draw_shape's ValueError
+        params["shapes"] = list(shapes)
     if shards_exist(out_dir, train_shards, val_shards):
         logger.info("shapes dataset already in %s", out_dir)
         _warn_if_params_differ(out_dir, params)
@@ -290,7 +301,8 @@ def make_shapes_dataset(
     try:
         with tqdm(total=n_train + n_val, desc="shapes", unit="img", disable=not progress) as bar:
             for split, n, shards in (("train", n_train, train_shards), ("val", n_val, val_shards)):
-                _write_split(tmp_dir, split, n, shards, image_size, seed, bar, canvases)
+                drawn = tuple(shapes or SHAPES)
+                _write_split(tmp_dir, split, n, shards, image_size, seed, bar, canvases, drawn)
         (tmp_dir / PARAMS_FILE).write_text(json.dumps(params, sort_keys=True) + "\n")
         _publish(tmp_dir, out_dir, train_shards, val_shards)
     finally:
@@ -317,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--canvas", action="append", type=parse_canvas, help="WxH (repeat)")
+    choices = SHAPES + NEW_SHAPES
+    parser.add_argument("--shape", action="append", choices=choices, help="only these (repeat)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -330,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         progress=not args.quiet,
         canvases=args.canvas,
+        shapes=args.shape,
     )
     train_urls = shard_urls(out_dir, "train", args.train_shards)
     val_urls = shard_urls(out_dir, "val", args.val_shards)

@@ -66,6 +66,7 @@ from ldm_train.diffusion.sampler import (
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder, load_text_encoder
 from ldm_train.errors import UserError, reading
+from ldm_train.formats import lora_file
 from ldm_train.formats.transformers_clip import (
     TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
@@ -132,6 +133,20 @@ class Pipeline:
             )
         finally:
             self.unet.train(was_training)
+
+    def add_loras(self, loras: Sequence[lora_file.LoraSpec]) -> None:
+        """LoRA adapters on the U-Net and the text encoder (a transformers CLIPTextModel), each at
+        its scale, all active (ldm_train.formats.lora_file); fuse_loras merges them in."""
+        lora_file.apply_loras(loras, self.unet, self.text_model)
+
+    def fuse_loras(self) -> None:
+        lora_file.fuse_loras(self.unet, self.text_model)
+
+    @property
+    def text_model(self) -> torch.nn.Module | None:
+        """The text encoder's transformers model (where an adapter of it goes), or None."""
+        is_transformers = isinstance(self.text_encoder, TransformersTextEncoder)
+        return self.text_encoder.model if is_transformers else None
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the folder (see the module docstring); returns it. It is written beside and

@@ -162,6 +162,10 @@ class TransformersTextEncoder(FrozenTextEncoder):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(captions)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward with autograd as the caller has it (adapter=lora trains this model's adapter)."""
         # As diffusers' StableDiffusionPipeline.encode_prompt: pad to the context, mask only if
         # the model's config asks for it, clip_skip=1 is hidden_states[-2] through the final norm.
         tokens = self.tokenizer(

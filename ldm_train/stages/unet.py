@@ -24,6 +24,15 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchmetrics import MeanMetric
 
+from ldm_train.adapters.lora import (
+    LoraAdapter,
+    adapter_names,
+    adapter_only,
+    check_adapter_state,
+    seed_dropout,
+    trained_context,
+)
+from ldm_train.adapters.prior import prior_flags, prior_losses
 from ldm_train.callbacks.images import log_image_rows
 from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.denoiser import (
@@ -89,9 +98,11 @@ def make_denoiser(
     return build_denoiser(net, Sizes(latents.channels, width, latents.side, side))
 
 
-def check_ema_decay(decay: float | None) -> float | None:
+def check_ema_decay(decay: float | None, adapter: LoraAdapter | None = None) -> float | None:
     if decay is not None and not 0.0 < decay < 1.0:
         raise UserError(f"stage.module.ema_decay={decay}; need 0 < decay < 1 (or null: no EMA)")
+    if decay is not None and adapter is not None:  # the EMA would copy (and save) the base weights
+        raise UserError("adapter=lora trains without an EMA: set model.ema_decay=null")
     return decay
 
 
@@ -109,17 +120,26 @@ class UnetStage(StageModule):
         seed: int = 0,
         validation: ValidationOptions | Mapping | None = None,
         perf: Perf | None = None,
+        adapter: LoraAdapter | None = None,
+        prior_weight: float = 1.0,
     ):
         """net: a UNet2DConditionModel or SD3Transformer2DModel, or its preset (a partial) sized
-        from the parts."""
+        from the parts. adapter: LoRA (ldm_train.adapters.lora): only its weights train and are
+        checkpointed. prior_weight: the loss weight of class images (sample json "prior": true;
+        ldm_train.adapters.prior)."""
         super().__init__(optimizer, lr_scheduler, perf)
         self.conditioning = conditioning or Conditioning()
         self.latents = latents or LatentEncoder()
-        self.net = self.perf.apply(make_denoiser(net, self.conditioning, self.latents))
+        net = make_denoiser(net, self.conditioning, self.latents)
+        self.adapter, self.prior_weight = adapter, prior_weight
+        # The adapted text encoder's model, when it trains: held here so that the optimizer, DDP
+        # and checkpoints see its adapter weights (the Conditioning holds the same model).
+        self.text_model = adapter.attach(net, self.conditioning) if adapter else None
+        self.net = self.perf.apply(net)
         self.noise_scheduler = noise_scheduler
         self.loss = loss or DiffusionObjective()
         self.loss.check(noise_scheduler)
-        self.ema_decay, self.seed = check_ema_decay(ema_decay), seed
+        self.ema_decay, self.seed = check_ema_decay(ema_decay, adapter), seed
         self.validation = ValidationOptions.parse(validation)
         sampler_name(self.validation.sampling.sampler, noise_scheduler.config)  # fits the objective
         self.samples = ValidationDraws(self.validation)
@@ -129,6 +149,8 @@ class UnetStage(StageModule):
         self._batch_shapes, self._flops = None, {}
 
     def trainable_parameters(self):
+        if self.adapter is not None:
+            return self.adapter.param_groups(self.net, self.text_model)
         return self.net.parameters()
 
     def configure_callbacks(self):
@@ -146,6 +168,16 @@ class UnetStage(StageModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["validation_samples"] = self.samples.state_dict()
+        if self.adapter is not None:  # the base weights come from model.pretrained
+            checkpoint["state_dict"] = adapter_only(checkpoint["state_dict"], adapter_names(self))
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
+        """With an adapter, a checkpoint holds its weights only: strict means all of them."""
+        if self.adapter is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if strict:
+            check_adapter_state(state_dict, adapter_names(self), set(self.state_dict()))
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.samples.load_state_dict(checkpoint.get("validation_samples", {}))
@@ -192,17 +224,30 @@ class UnetStage(StageModule):
         generator = step_generator(
             self.device, self.seed, self.global_rank, self.global_step, batch_idx
         )
+        seed_dropout(self.adapter, generator)
         dropped = self.conditioning.dropped(len(batch["caption"]), generator, self.device)
         with torch.no_grad():
             x0 = self.latents.batch_latents(batch, generator, self.device)
-            width = context_width(self.net)
-            context = self.conditioning.batch_context(batch, dropped, width, self.device)
-            context = context.to(self.net.dtype)
+            if self.text_model is None:
+                width = context_width(self.net)
+                context = self.conditioning.batch_context(batch, dropped, width, self.device)
+        if self.text_model is not None:  # adapter=lora on the text encoder: with its graph
+            context = trained_context(self.conditioning, batch, dropped, self.device)
+        context = context.to(self.net.dtype)
         self._batch_shapes = (tuple(x0.shape), tuple(context.shape))
         t, noise = self.loss.draw(x0, self.noise_scheduler, generator, patch_size(self.net))
         captions = ["" if d else c for c, d in zip(batch["caption"], dropped, strict=True)]
-        predict_noise = self.predictor(context, captions)
-        losses = self.loss(predict_noise, self.noise_scheduler, x0, t, noise)
+        prior = prior_flags(batch)
+        if prior is None:
+            predict_noise = self.predictor(context, captions)
+            losses = self.loss(predict_noise, self.noise_scheduler, x0, t, noise)
+        else:  # class images in the batch: their loss weighted apart (DreamBooth)
+
+            def rows(mask: torch.Tensor) -> Callable:
+                return self.predictor(context[mask], [captions[i] for i in mask.nonzero()[:, 0]])
+
+            parts = (rows, self.noise_scheduler, x0, t, noise)
+            losses = prior_losses(self.loss, *parts, prior, self.prior_weight)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=True, batch_size=len(x0))
         return sum(losses.values())
@@ -265,5 +310,7 @@ class UnetStage(StageModule):
     # -- export: one folder a user can copy elsewhere and generate from ---------------------------
     def export(self, out_dir):
         """The pipeline folder (ldm_train.diffusion.pipeline), with the weights this module holds:
-        the EMA's after training."""
+        the EMA's after training. With an adapter: the adapter's folder (formats/lora_file.py)."""
+        if self.adapter is not None:
+            return self.adapter.save(out_dir, self.net, self.text_model)
         return self.pipeline().save(out_dir)
