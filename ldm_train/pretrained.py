@@ -31,10 +31,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from hydra.utils import get_class
@@ -45,6 +45,7 @@ from ldm_train.diffusion.pipeline import pipeline_part
 from ldm_train.diffusion.text_encoder import parse_named
 from ldm_train.errors import UserError, reading
 from ldm_train.formats.clip_model import (
+    ClipNet,
     check_weights_fit,
     is_clip_folder,
     load_clip,
@@ -57,7 +58,6 @@ from ldm_train.train import build
 
 log = logging.getLogger(__name__)
 
-SOURCE = "pretrained_from"  # the attribute that marks a net as loaded here: where from
 FROM_DISK: dict[str, Any] = {
     "local_files_only": True,
     "use_safetensors": True,  # a pickled .bin is never opened
@@ -69,8 +69,19 @@ OWN_CONFIG = "the architecture of its config; model.net's sizes are not used"
 PRESET = "the preset's architecture"
 
 
-def is_pretrained(net: object) -> bool:
-    return getattr(net, SOURCE, None) is not None
+@dataclass(frozen=True)
+class Pretrained:
+    """What model.pretrained loaded for a stage: the net (its architecture is the weights', not the
+    preset's) and where it came from (checks name it; a LoRA export records it as its base)."""
+
+    net: Any
+    source: str
+
+
+def unwrap(net: Any) -> tuple[Any, str | None]:
+    """(net, model.pretrained's source) of what a stage is given: a Pretrained, or a net or preset
+    (source None)."""
+    return (net.net, net.source) if isinstance(net, Pretrained) else (net, None)
 
 
 def unet_net(net: DictConfig, pretrained: str | None = None, config: str | None = None) -> Any:
@@ -87,14 +98,14 @@ def unet_net(net: DictConfig, pretrained: str | None = None, config: str | None 
 
 def vae_net(
     net: DictConfig, pretrained: str | None = None, config: str | None = None
-) -> AutoencoderKL:
+) -> AutoencoderKL | Pretrained:
     """stage=vae's net: the preset's AutoencoderKL or the one of `pretrained`."""
     if pretrained is None:
         return build(net)
     return read_pretrained(AutoencoderKL, "vae", pretrained, config)
 
 
-def read_pretrained(cls: type, part: str, pretrained: str, config: str | None) -> Any:
+def read_pretrained(cls: type, part: str, pretrained: str, config: str | None) -> Pretrained:
     """A diffusers model from a folder (its own, or a pipeline's part) or a single file."""
     if is_single_file(pretrained):
         return marked(load_single_file(cls, pretrained, part, config), pretrained)
@@ -116,10 +127,10 @@ OmegaConf.register_new_resolver("pretrained_schedule", pretrained_schedule, repl
 
 def clip_net(
     net: DictConfig, pretrained: str | None = None, context_length: int | None = None
-) -> open_clip.CLIP:
+) -> ClipNet | Pretrained:
     """stage=clip's net: the preset's CLIP (ldm_train.stages.clip.build_clip) or `pretrained`'s,
-    with its model card as net.model_cfg (what the stage exports). context_length: the stage's
-    tokenizer's, which the text tower must read."""
+    each with its model card (what the stage exports). context_length: the stage's tokenizer's,
+    which the text tower must read."""
     if pretrained is None:
         return build(net)
     named = parse_named(str(pretrained))
@@ -141,17 +152,16 @@ def clip_net(
             f"tokens, the tokenizer gives {context_length}: set "
             f"model.context_length={loaded.model.context_length}"
         )
-    loaded.model.model_cfg = loaded.card
-    return marked(loaded.model, pretrained)
+    return marked(ClipNet(loaded.model, loaded.card), pretrained)
 
 
-def preset_with_weights(net: DictConfig, weights: Path) -> open_clip.CLIP:
+def preset_with_weights(net: DictConfig, weights: Path) -> ClipNet:
     """The preset's CLIP with the weights of a file made for the same card."""
-    model = build(net)
+    clip = build(net)
     state = read_weights(weights)
-    check_weights_fit(model.state_dict(), state, f"model.pretrained={weights}")
-    model.load_state_dict(state)
-    return model
+    check_weights_fit(clip.model.state_dict(), state, f"model.pretrained={weights}")
+    clip.model.load_state_dict(state)
+    return clip
 
 
 def model_folder(path: str | Path, part: str, cls: type) -> Path:
@@ -187,16 +197,16 @@ def read_model(cls: type, folder: Path) -> Any:
         return cls.from_pretrained(folder, **FROM_DISK)
 
 
-def marked(net: torch.nn.Module, source: str | Path, architecture: str = OWN_CONFIG) -> Any:
-    """The net in training mode (from_pretrained gives eval mode), marked as pretrained
-    (is_pretrained), and a log line saying from where."""
-    net.train()
-    setattr(net, SOURCE, str(source))
-    log.info("model.pretrained: %s from %s (%s)", type(net).__name__, source, architecture)
-    return net
+def marked(net: Any, source: str | Path, architecture: str = OWN_CONFIG) -> Pretrained:
+    """The net in training mode (from_pretrained gives eval mode) as a Pretrained, and a log line
+    saying from where."""
+    model = net.model if isinstance(net, ClipNet) else net
+    model.train()
+    log.info("model.pretrained: %s from %s (%s)", type(model).__name__, source, architecture)
+    return Pretrained(net, str(source))
 
 
-def check_unet_fits(net: Any, in_channels: int, context_width: int) -> None:
+def check_unet_fits(net: Any, source: str, in_channels: int, context_width: int) -> None:
     """A pretrained denoiser keeps its architecture: the upstream parts must fit it."""
     for key, value, given in (
         ("in_channels", in_channels, "stage.vae's latent channels (3 without a VAE)"),
@@ -204,7 +214,7 @@ def check_unet_fits(net: Any, in_channels: int, context_width: int) -> None:
     ):
         if net.config[key] != value:
             raise UserError(
-                f"model.pretrained={getattr(net, SOURCE)}: its {type(net).__name__} has "
+                f"model.pretrained={source}: its {type(net).__name__} has "
                 f"{key}={net.config[key]} "
                 f"but {given} is {value}: pick a VAE and a text encoder that fit it (e.g. those "
                 "of its pipeline folder: stage.vae=<folder> stage.text_encoder=<folder>)"

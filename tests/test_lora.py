@@ -279,7 +279,7 @@ class FakeTower(torch.nn.Module):
 def test_what_cannot_work_is_one_line_each(make_cfg):
     parts = tiny_sd_pipeline()
     with pytest.raises(UserError, match="adapts existing weights: set model.pretrained"):
-        LoraAdapter().attach(parts.unet, Conditioning())
+        LoraAdapter().attach(parts.unet, None, Conditioning())
     with pytest.raises(UserError, match="trains without an EMA: set model.ema_decay=null"):
         check_ema_decay(0.999, LoraAdapter())
     adapter = LoraAdapter(text_encoder=True)

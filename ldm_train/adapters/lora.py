@@ -3,9 +3,9 @@ attention projections (and optionally the text encoder's) train; the base weight
 from model.pretrained (and stage.text_encoder), and never enter a checkpoint or the export.
 
     adapter = LoraAdapter(rank=8, alpha=8)
-    text_model = adapter.attach(net, conditioning)   # peft layers in place; the base frozen
-    adapter.param_groups(net, text_model)            # what the optimizer gets
-    adapter.save(out_dir, net, text_model)           # formats/lora_file.py's folder
+    text_model = adapter.attach(net, base, conditioning)  # peft layers in place; the base frozen
+    adapter.param_groups(net, text_model)                 # what the optimizer gets
+    adapter.save(out_dir, net, text_model, base)          # formats/lora_file.py's folder
 
 The denoiser takes the adapter through diffusers' own support (ModelMixin.add_adapter with a peft
 LoraConfig): any diffusers model that has it works, with default target modules per network kind
@@ -26,7 +26,6 @@ from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder
 from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import save_lora
-from ldm_train.pretrained import SOURCE, is_pretrained
 
 # The attention projections diffusers' LoRA examples adapt: train_dreambooth_lora.py (U-Net) and
 # train_dreambooth_lora_sd3.py (the MMDiT, whose joint attention also projects the text stream).
@@ -84,10 +83,13 @@ class LoraAdapter:
             )
         return list(DENOISER_TARGETS[kind])
 
-    def attach(self, net: torch.nn.Module, conditioning: Conditioning) -> torch.nn.Module | None:
+    def attach(
+        self, net: torch.nn.Module, base: str | None, conditioning: Conditioning
+    ) -> torch.nn.Module | None:
         """Adapters into the net (and the text encoder), the base weights frozen; returns the text
-        encoder's model when it trains too (for the stage to hold), else None."""
-        if not is_pretrained(net):
+        encoder's model when it trains too (for the stage to hold), else None. base: where the
+        net's weights came from (model.pretrained); None: a new net, which LoRA cannot adapt."""
+        if base is None:
             raise UserError(
                 "adapter=lora adapts existing weights: set model.pretrained to an export or a "
                 "Stable Diffusion pipeline folder (README: Adapt a model with LoRA)"
@@ -134,10 +136,17 @@ class LoraAdapter:
             groups.append(group)
         return groups
 
-    def save(self, out_dir: Path, net: torch.nn.Module, text_model: torch.nn.Module | None) -> Path:
-        """The adapter folder (ldm_train.formats.lora_file), with what trained it."""
+    def save(
+        self,
+        out_dir: Path,
+        net: torch.nn.Module,
+        text_model: torch.nn.Module | None,
+        base: str | None = None,
+    ) -> Path:
+        """The adapter folder (ldm_train.formats.lora_file), with what trained it (base: the
+        model.pretrained it adapts)."""
         info = {
-            "base": getattr(net, SOURCE, None),
+            "base": base,
             "denoiser": type(net).__name__,
             "rank": self.rank,
             "alpha": self.alpha,

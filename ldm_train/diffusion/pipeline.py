@@ -64,7 +64,11 @@ from ldm_train.diffusion.sampler import (
     sample,
 )
 from ldm_train.diffusion.schedule import TRAIN_SCHEDULERS, build_sampler
-from ldm_train.diffusion.text_encoder import TransformersTextEncoder, load_text_encoder
+from ldm_train.diffusion.text_encoder import (
+    ClipTextEncoder,
+    TransformersTextEncoder,
+    load_text_encoder,
+)
 from ldm_train.errors import UserError, reading
 from ldm_train.formats import lora_file
 from ldm_train.formats.transformers_clip import (
@@ -252,7 +256,7 @@ def write_text_encoder(
     try:
         converted = text_encoder.to_transformers()
     except UserError as error:
-        source = getattr(text_encoder, "source_dir", None)
+        source = text_encoder.source_dir if isinstance(text_encoder, ClipTextEncoder) else None
         if source is None:
             raise UserError(f"cannot export the text encoder: {error}") from error
         shutil.copytree(source, out_dir / TEXT_ENCODER_DIR)

@@ -80,9 +80,13 @@ class ClipTextEncoder(FrozenTextEncoder):
         model: open_clip.CLIP,
         tokenizer: open_clip.tokenizer.SimpleTokenizer,
         layer: TextLayer = "last",
+        source_dir: Path | None = None,
     ):
+        """source_dir: the open_clip folder it was read from, which an export copies when a
+        CLIPTextModel cannot hold the tower (None: built in memory)."""
         model.visual = None  # the image tower is not needed: free its memory
         super().__init__(model, tokenizer, layer, model.transformer.layers)
+        self.source_dir = None if source_dir is None else Path(source_dir)
 
     @classmethod
     def from_pretrained(
@@ -90,7 +94,7 @@ class ClipTextEncoder(FrozenTextEncoder):
     ) -> ClipTextEncoder:
         """Load a stage=clip export folder or an open_clip hub folder (ldm_train.formats.clip_model)."""
         clip = load_clip(export_dir, device)
-        return cls(clip.model, clip.tokenizer, layer)
+        return cls(clip.model, clip.tokenizer, layer, source_dir=Path(export_dir))
 
     @property
     def width(self) -> int:
@@ -229,7 +233,6 @@ def text_encoder_at(
     folder = Path(path)
     if is_clip_folder(folder):
         encoder = ClipTextEncoder.from_pretrained(folder, layer=layer)
-        encoder.source_dir = folder  # today's export copies this folder next to the U-Net
     elif text_encoder_folders(folder) is not None:
         encoder = TransformersTextEncoder.from_pretrained(folder, layer=layer)
     elif (named := parse_named(str(path))) is not None:

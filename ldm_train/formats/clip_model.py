@@ -45,6 +45,15 @@ FOREIGN_KEYS = {
 
 
 @dataclass
+class ClipNet:
+    """An open_clip CLIP and the model card it was built from (open_clip.CLIP's arguments): what
+    stage=clip trains, and what its export writes beside the weights."""
+
+    model: open_clip.CLIP
+    card: dict
+
+
+@dataclass
 class LoadedClip:
     model: open_clip.CLIP
     tokenizer: open_clip.tokenizer.SimpleTokenizer

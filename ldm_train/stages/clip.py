@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms.v2 import functional as TF
 
 from ldm_train.errors import UserError, check_choice, check_keys
-from ldm_train.formats.clip_model import save_clip
+from ldm_train.formats.clip_model import ClipNet, save_clip
 from ldm_train.losses.contrastive import (
     LOSS_KINDS,
     ContrastiveLossKind,
@@ -37,6 +37,7 @@ from ldm_train.losses.contrastive import (
 )
 from ldm_train.metrics.zero_shot import IGNORE_LABEL, parse_zero_shot, retrieval_recall
 from ldm_train.perf import Perf
+from ldm_train.pretrained import Pretrained, unwrap
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,11 @@ def model_card(card: str | None = None, **overrides: Any) -> dict:
     return cfg
 
 
-def build_clip(card: str | None = None, **overrides: Any) -> open_clip.CLIP:
+def build_clip(card: str | None = None, **overrides: Any) -> ClipNet:
     """A randomly initialised open_clip.CLIP from `model_card(card, **overrides)`, never pretrained
-    weights. The card travels with the net as `net.model_cfg`: export writes it for open_clip."""
+    weights, with its card (what the export writes for open_clip)."""
     cfg = model_card(card, **overrides)
-    net = open_clip.CLIP(**cfg)
-    net.model_cfg = cfg
-    return net
+    return ClipNet(open_clip.CLIP(**cfg), cfg)
 
 
 def weight_decay_groups(
@@ -133,7 +132,7 @@ def weight_decay_groups(
 class ClipStage(StageModule):
     def __init__(
         self,
-        net: open_clip.CLIP,
+        net: ClipNet | Pretrained,
         tokenizer: Tokenizer,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -152,16 +151,16 @@ class ClipStage(StageModule):
         so."""
         super().__init__(optimizer, lr_scheduler, perf)
         check_choice("stage.module.loss", loss, LOSS_KINDS)
-        model_cfg = getattr(net, "model_cfg", None)
-        if model_cfg is None:
-            raise UserError("ClipStage needs a net made by ldm_train.stages.clip.build_clip")
-        self.net = self.perf.apply(net)
+        net, _ = unwrap(net)
+        if not isinstance(net, ClipNet):
+            raise UserError("ClipStage needs a ClipNet (ldm_train.stages.clip.build_clip)")
+        self.net = self.perf.apply(net.model)
         self.net.output_dict = True  # as open_clip_train runs it: features + logit scale by name
-        self.model_cfg = copy.deepcopy(model_cfg)
+        self.model_cfg = copy.deepcopy(net.card)
         self.tokenizer = tokenizer
         self.loss_kind, self.local_loss, self.gather_with_grad = loss, local_loss, gather_with_grad
         self.export_name = export_name
-        if loss == "siglip" and net.logit_bias is None:
+        if loss == "siglip" and self.net.logit_bias is None:
             self._add_siglip_bias()
         self.configure_loss(rank=0, world_size=1)
         self.val_loss_fn = build_contrastive_loss(loss)  # per batch, this rank's negatives only

@@ -58,7 +58,7 @@ from ldm_train.distributed import full_weights
 from ldm_train.errors import UserError
 from ldm_train.metrics.validation import ValidationDraws, ValidationOptions
 from ldm_train.perf import Perf
-from ldm_train.pretrained import check_unet_fits, is_pretrained
+from ldm_train.pretrained import Pretrained, check_unet_fits, unwrap
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,16 @@ def upstream_width(net: Denoiser | DenoiserFactory, conditioning: Conditioning) 
 
 
 def make_denoiser(
-    net: Denoiser | DenoiserFactory, conditioning: Conditioning, latents: LatentEncoder
+    net: Denoiser | DenoiserFactory,
+    source: str | None,
+    conditioning: Conditioning,
+    latents: LatentEncoder,
 ) -> Denoiser:
-    """The denoiser (ldm_train.diffusion.denoiser), sized from or checked against the parts."""
+    """The denoiser (ldm_train.diffusion.denoiser), sized from or checked against the parts;
+    source: model.pretrained's, when the net was loaded (its architecture is kept)."""
     width = upstream_width(net, conditioning)
-    if is_pretrained(net):
-        check_unet_fits(net, latents.channels, width)
+    if source is not None:
+        check_unet_fits(net, source, latents.channels, width)
     side = max(max(h, w) for h, w in latents.latent_sides)
     return build_denoiser(net, Sizes(latents.channels, width, latents.side, side))
 
@@ -109,7 +113,7 @@ def check_ema_decay(decay: float | None, adapter: LoraAdapter | None = None) -> 
 class UnetStage(StageModule):
     def __init__(
         self,
-        net: Denoiser | DenoiserFactory,
+        net: Denoiser | DenoiserFactory | Pretrained,
         noise_scheduler: SchedulerMixin,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -123,18 +127,21 @@ class UnetStage(StageModule):
         adapter: LoraAdapter | None = None,
         prior_weight: float = 1.0,
     ):
-        """net: a UNet2DConditionModel or SD3Transformer2DModel, or its preset (a partial) sized
-        from the parts. adapter: LoRA (ldm_train.adapters.lora): only its weights train and are
+        """net: a UNet2DConditionModel or SD3Transformer2DModel, its preset (a partial) sized
+        from the parts, or a Pretrained one (model.pretrained: kept as it is). adapter: LoRA (ldm_train.adapters.lora): only its weights train and are
         checkpointed. prior_weight: the loss weight of class images (sample json "prior": true;
         ldm_train.adapters.prior)."""
         super().__init__(optimizer, lr_scheduler, perf)
         self.conditioning = conditioning or Conditioning()
         self.latents = latents or LatentEncoder()
-        net = make_denoiser(net, self.conditioning, self.latents)
+        net, self.pretrained_source = unwrap(net)
+        net = make_denoiser(net, self.pretrained_source, self.conditioning, self.latents)
         self.adapter, self.prior_weight = adapter, prior_weight
         # The adapted text encoder's model, when it trains: held here so that the optimizer, DDP
         # and checkpoints see its adapter weights (the Conditioning holds the same model).
-        self.text_model = adapter.attach(net, self.conditioning) if adapter else None
+        self.text_model = (
+            adapter.attach(net, self.pretrained_source, self.conditioning) if adapter else None
+        )
         self.net = self.perf.apply(net)
         self.noise_scheduler = noise_scheduler
         self.loss = loss or DiffusionObjective()
@@ -312,5 +319,5 @@ class UnetStage(StageModule):
         """The pipeline folder (ldm_train.diffusion.pipeline), with the weights this module holds:
         the EMA's after training. With an adapter: the adapter's folder (formats/lora_file.py)."""
         if self.adapter is not None:
-            return self.adapter.save(out_dir, self.net, self.text_model)
+            return self.adapter.save(out_dir, self.net, self.text_model, self.pretrained_source)
         return self.pipeline().save(out_dir)

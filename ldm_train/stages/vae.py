@@ -43,7 +43,7 @@ from ldm_train.formats.vae_folder import save_vae
 from ldm_train.losses.autoencoder import AutoencoderLoss
 from ldm_train.metrics.validation import MetricOptions, ReconstructionMetrics
 from ldm_train.perf import Perf
-from ldm_train.pretrained import is_pretrained
+from ldm_train.pretrained import Pretrained, unwrap
 from ldm_train.stages.base import OptimizerFactory, SchedulerFactory, StageModule, step_generator
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class VaeStage(StageModule):
 
     def __init__(
         self,
-        net: AutoencoderKL,
+        net: AutoencoderKL | Pretrained,
         loss: AutoencoderLoss,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -74,7 +74,8 @@ class VaeStage(StageModule):
                 "the discriminator is on (stage.module.loss.disc_weight > 0) but "
                 "stage.module.disc_optimizer is null"
             )
-        if posterior_logvar_init is not None and not is_pretrained(net):  # an init, not a change
+        net, source = unwrap(net)
+        if posterior_logvar_init is not None and source is None:  # an init, not a change
             init_posterior_logvar(net, posterior_logvar_init)
         self.net = self.perf.apply(net)
         self.seed = seed  # posterior samples: from (seed, rank, step), so resumes are exact
