@@ -56,6 +56,7 @@ from ldm_train.diffusion.conditioning import text_context
 from ldm_train.diffusion.latents import vae_moments
 from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import vae_scale_factor
+from ldm_train.rules import typed
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: outputs/<experiment>/latents)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument(
-        "--batch-size", type=cli.typed(cli.BATCH), help="images per encoder call (data.batch_size)"
+        "--batch-size", type=typed(cli.BATCH), help="images per encoder call (data.batch_size)"
     )
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--part", default="0/1", help="K/N: cache every N-th shard from the K-th")

@@ -14,14 +14,13 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import torch
 
 from ldm_train import quiet
 from ldm_train.diffusion.sampler import MAX_SIDE, SAMPLING_RULES, SamplingOptions
 from ldm_train.errors import UserError
-from ldm_train.rules import Int, Rule
+from ldm_train.rules import Int, typed
 
 IMAGES_PER_PROMPT = Int(1, 10_000)
 BATCH = Int(1, 4096)
@@ -37,19 +36,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
-def typed(rule: Rule) -> Callable[[str], Any]:
-    """An argparse type: the text parsed and checked by `rule`."""
-
-    def convert(text: str) -> Any:
-        value = rule.parse(text)
-        if not rule.fits(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {rule.allowed}")
-        return value
-
-    convert.__name__ = type(rule).__name__.lower()
-    return convert
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ from ldm_train.metrics.reference import (
     read_validation,
 )
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
-from ldm_train.rules import Int
+from ldm_train.rules import Int, typed
 from ldm_train.rundir import RunDir
 from ldm_train.safety import check_local_urls
 from ldm_train.schema import check_config
@@ -232,7 +232,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip", help="CLIP folder (default: the run's stage.text_encoder)")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="clip", help="for FD/KID")
     parser.add_argument("--inception-weights", help="Inception-v3 FID weights file")
-    count = cli.typed(Int(1, 1_000_000))
+    count = typed(Int(1, 1_000_000))
     parser.add_argument("--max-reference", type=count, default=1000, help="validation images")
     parser.add_argument("--max-prompts", type=count, default=64, help="validation captions used")
     parser.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")

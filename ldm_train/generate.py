@@ -29,7 +29,7 @@ from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import lora_specs
-from ldm_train.rules import Real
+from ldm_train.rules import Real, typed
 
 log = logging.getLogger("ldm_train.generate")
 KNOWN = ("images.json",)  # what marked generate's output before the marker file
@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None):
     cli.add_sampling_options(parser)
     parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
     parser.add_argument("--lora", action="append", help="a LoRA adapter: folder or .safetensors")
-    scale = cli.typed(Real(-100, 100))
+    scale = typed(Real(-100, 100))
     parser.add_argument("--lora-scale", action="append", type=scale, help="per --lora (default 1)")
     return parser.parse_args(argv)
 

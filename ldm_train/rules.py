@@ -10,6 +10,7 @@ section would mirror the tree and still need its errors rephrased.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,3 +218,16 @@ class Either(Rule):
 
 
 SEED = Int(0, SEED_MAX)
+
+
+def typed(rule: Rule) -> Callable[[str], Any]:
+    """An argparse type: the text parsed and checked by `rule`."""
+
+    def convert(text: str) -> Any:
+        value = rule.parse(text)
+        if not rule.fits(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule.allowed}")
+        return value
+
+    convert.__name__ = type(rule).__name__.lower()
+    return convert

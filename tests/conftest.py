@@ -275,13 +275,11 @@ def unet_cfg(make_cfg, unet_overrides) -> Callable[..., DictConfig]:
     return compose
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
+def train_tiny_unet(tmp: Path, tiny_overrides, unet_overrides, *extra: str) -> tuple:
     """(the stage, its export folder): a U-Net trained for 2 steps on the tiny VAE and CLIP, by
-    train(), in its run directory (outputs/shapes/unet)."""
+    train(), in its run directory under tmp (outputs/shapes/unet); extra: more overrides."""
     from ldm_train.train import train
 
-    tmp = tmp_path_factory.mktemp("trained")
     cfg = compose_config(
         [
             *tiny_overrides(tmp / "outputs"),
@@ -289,10 +287,17 @@ def trained(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
             "logger=none",
             "trainer.max_steps=2",
             "trainer.limit_val_batches=1",
+            *extra,
         ]
     )
     _, objects = train(cfg)
     return objects["module"], objects["export_dir"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
+    """train_tiny_unet's (stage, export folder) with the default settings."""
+    return train_tiny_unet(tmp_path_factory.mktemp("trained"), tiny_overrides, unet_overrides)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -216,7 +216,7 @@ def test_siglip_option_trains_a_step():
 def test_vit_b_32_preset_has_open_clips_parameter_count():
     cfg = compose_config(["stage=clip", "model=clip/ViT-B-32", "data.image_size=224"])
     with torch.device("meta"):
-        preset = instantiate(cfg.model.net)
+        preset = instantiate(cfg.model.net).model
         reference = open_clip.create_model("ViT-B-32", device="meta")
     count = sum(p.numel() for p in preset.parameters())
     assert count == sum(p.numel() for p in reference.parameters()) == 151_277_313

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_tiny_unet
 from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -20,11 +21,9 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from ldm_train.config import compose_config
 from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
 from ldm_train.generate import main as generate_main
-from ldm_train.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
@@ -34,18 +33,7 @@ N = 2
 
 def train_export(tmp_path_factory, tiny_overrides, unet_overrides, *extra: str) -> tuple:
     tmp = tmp_path_factory.mktemp("flow")
-    cfg = compose_config(
-        [
-            *tiny_overrides(tmp / "outputs"),
-            *unet_overrides,
-            "logger=none",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=1",
-            *extra,
-        ]
-    )
-    _, objects = train(cfg)
-    return objects["module"], objects["export_dir"]
+    return train_tiny_unet(tmp, tiny_overrides, unet_overrides, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_clip_starts_from_an_export_with_its_own_card(make_open_clip, make_cfg, 
 def test_clip_starts_from_a_weights_file_for_the_preset(make_open_clip, make_cfg, tmp_path):
     cfg = make_cfg("stage=clip")
     torch.manual_seed(1)
-    preset = instantiate(cfg.model.net)
+    preset = instantiate(cfg.model.net).model
     state = {k: v.contiguous() for k, v in preset.state_dict().items()}
     safetensors.torch.save_file(state, tmp_path / "weights.safetensors")
     module = instantiate(
@@ -171,7 +171,7 @@ def test_wrong_kinds_and_misfits_are_one_line_errors(tiny_sd, make_cfg, tmp_path
     cfg = make_cfg(
         "stage=unet", "stage.vae=null", f"stage.text_encoder={sd}", f"model.pretrained={sd}"
     )
-    assert "its U-Net has in_channels=4 but stage.vae's latent channels" in one_line_error(cfg)
+    assert "its UNet2DConditionModel has in_channels=4 but stage.vae's latent channels" in one_line_error(cfg)
 
 
 def test_sd_text_encoder_feeds_the_latent_cache(tiny_sd, make_cfg, tmp_path):

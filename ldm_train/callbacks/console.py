@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.console.tqdm_progress import Tqdm
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_summary import summarize
 from tqdm.contrib.logging import logging_redirect_tqdm

@@ -35,8 +35,10 @@ from ldm_train.data.folder_samples import (
     unique_key,
 )
 from ldm_train.data.shards import shard_glob, shard_urls, shard_writer_pattern
+from ldm_train.rules import SEED, Int, Real, typed
 
 logger = logging.getLogger(__name__)
+PROG = "python -m ldm_train.data.convert"
 
 PATHS_SHOWN_PER_REASON = 5
 REPEATS_FOLDER = re.compile(r"^(\d+)_.")  # kohya's "10_name": the folder's images 10 times
@@ -207,63 +209,53 @@ def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ldm_train.data.convert",
+        prog=PROG,
         description="Convert a folder of images with same-name .txt (or .caption) captions to "
         "WebDataset shards.",
     )
     parser.add_argument("src", type=Path, help="folder of images and captions (recursive)")
     parser.add_argument("out", type=Path, help="output folder for the shards")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument(
+        "--shard-size", type=typed(Int(1, 10**9)), default=1000, help="samples per shard"
+    )
     parser.add_argument("--prefix", default="train", help="shard name prefix (train, val, ...)")
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=typed(Real(0, 1, low_open=True)),
         help="hold out this share of the images as val-*.tar (e.g. 0.05); --prefix is then unused",
     )
-    parser.add_argument("--seed", type=int, default=0, help="which images --val-fraction holds out")
+    parser.add_argument(
+        "--seed", type=typed(SEED), default=0, help="which images --val-fraction holds out"
+    )
     parser.add_argument(
         "--folder-repeats",
         action="store_true",
         help='write the images of a folder named "<N>_name" N times (kohya\'s repeats)',
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.val_fraction is not None:
-            reports = convert_split(
-                args.src,
-                args.out,
-                args.val_fraction,
-                args.shard_size,
-                args.seed,
-                not args.quiet,
-                args.folder_repeats,
-            )
-        else:
-            reports = {
-                args.prefix: convert_folder(
-                    args.src,
-                    args.out,
-                    args.shard_size,
-                    args.prefix,
-                    not args.quiet,
-                    args.folder_repeats,
-                )
-            }
-    except (FileNotFoundError, ValueError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    if not any(report.written for report in reports.values()):
-        print(f"{parser.prog}: error: no usable image under {args.src}", file=sys.stderr)
-        return 1
+    return parser.parse_args(argv)
+
+
+def convert(args: argparse.Namespace) -> dict[str, ConvertReport]:
+    """The shards of args.src: one split (args.prefix), or train and val (--val-fraction)."""
+    bar, repeats = not args.quiet, args.folder_repeats
+    if args.val_fraction is not None:
+        return convert_split(
+            args.src, args.out, args.val_fraction, args.shard_size, args.seed, bar, repeats
+        )
+    shards = convert_folder(args.src, args.out, args.shard_size, args.prefix, bar, repeats)
+    return {args.prefix: shards}
+
+
+def print_result(reports: dict[str, ConvertReport], out: Path) -> None:
+    """What was written, and the keys (or the whole command) that train on it."""
     for prefix, report in reports.items():
         print(f"{prefix}: wrote {report.written} samples, skipped {report.num_skipped}")
     urls = {
         "data.val_urls" if prefix == "val" else "data.train_urls": shard_urls(
-            args.out, prefix, len(report.shards)
+            out, prefix, len(report.shards)
         )
         for prefix, report in reports.items()
         if report.shards
@@ -275,6 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(overrides)
         if "data.train_urls" in urls:
             print("(no validation shards: --val-fraction 0.05 holds out a share)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        reports = convert(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    if not any(report.written for report in reports.values()):
+        print(f"{PROG}: error: no usable image under {args.src}", file=sys.stderr)
+        return 1
+    print_result(reports, args.out)
     return 0
 
 
