@@ -171,7 +171,10 @@ def test_wrong_kinds_and_misfits_are_one_line_errors(tiny_sd, make_cfg, tmp_path
     cfg = make_cfg(
         "stage=unet", "stage.vae=null", f"stage.text_encoder={sd}", f"model.pretrained={sd}"
     )
-    assert "its UNet2DConditionModel has in_channels=4 but stage.vae's latent channels" in one_line_error(cfg)
+    assert (
+        "its UNet2DConditionModel has in_channels=4 but stage.vae's latent channels"
+        in one_line_error(cfg)
+    )
 
 
 def test_sd_text_encoder_feeds_the_latent_cache(tiny_sd, make_cfg, tmp_path):
