@@ -10,6 +10,7 @@ validation samples, the chain's final images and the commands' --sampler/--steps
 
 from __future__ import annotations
 
+import re
 from typing import Any, get_args
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -182,6 +183,7 @@ TABLE: dict[str, Rule] = {
 }
 
 ABSENT = object()
+MISSING_IN = re.compile(r"Missing mandatory value: ([\w.]+)")
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:
@@ -191,6 +193,12 @@ def value_at(cfg: DictConfig, key: str) -> Any:
     except MissingMandatoryValue:
         raise UserError(f"{key} is not set (???): give it, e.g. {key}=...") from None
     except OmegaConfBaseException as error:
+        # A key whose interpolation reads an unset one (experiment_name <- data.train_urls): that
+        # one is what to give.
+        missing = MISSING_IN.search(str(error))
+        if missing is not None:
+            unset = missing.group(1)
+            raise UserError(f"{unset} is not set (???): give it, e.g. {unset}=...") from None
         raise UserError(f"{key}: {first_line(error)}") from None
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)

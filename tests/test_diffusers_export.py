@@ -50,7 +50,8 @@ def diffusers_images(
     pipe: StableDiffusionPipeline, image_size: int, n: int, options: SamplingOptions
 ) -> torch.Tensor:
     """diffusers' images in [0, 1], each from the generator of the seed ldm_train gives it."""
-    pipe.scheduler = SCHEDULERS[options.sampler].from_config(pipe.scheduler.config)
+    sampler = options.sampler or "ddim"  # None: the model's default, DDIM for epsilon and v
+    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
     seeds = per_prompt(PROMPTS, n, options.seed)[1]
     return pipe(
         PROMPTS,

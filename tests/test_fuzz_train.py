@@ -113,7 +113,7 @@ FILES = {
     "stage=clip model.pretrained={huge}": "cannot load model.pretrained=",
     "stage=clip model.pretrained={lying}": "cannot load model.pretrained=",
     "stage=vae model.pretrained={config_list}": "is not a model config (a JSON object)",
-    "stage=vae model.pretrained={empty}": "no config.json there nor in vae/",
+    "stage=vae model.pretrained={empty}": "is not a readable safetensors file",
     "ckpt_path={not_a_checkpoint}": "ckpt_path=",
     "ckpt_path={payload_ckpt}": "ckpt_path=",
     "stage=clip ckpt_path={vae_ckpt}": "a stage=vae checkpoint, and this run is stage=clip",

@@ -26,6 +26,7 @@ from ldm_train.adapters.class_images import write_class_images
 from ldm_train.adapters.lora import LoraAdapter, check_adapter_state
 from ldm_train.adapters.merge import merge
 from ldm_train.adapters.prior import prior_flags, prior_losses
+from ldm_train.atomic import MARKER
 from ldm_train.config import compose_config
 from ldm_train.data.datamodule import expand_urls
 from ldm_train.data.stream import LoaderConfig, build_pipeline
@@ -150,7 +151,7 @@ def test_only_the_adapter_trains_and_the_checkpoint_holds_no_base_weight(lora_ru
     adapter_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
     base_bytes = sum(v.numel() * 4 for v in [*unet_base.values(), *text_base.values()])
     assert adapter_bytes * 100 < base_bytes
-    assert {path.name for path in export.iterdir()} == {WEIGHTS, KOHYA_WEIGHTS, INFO}
+    assert {path.name for path in export.iterdir()} == {WEIGHTS, KOHYA_WEIGHTS, INFO, MARKER}
     assert {"train/mse", "train/prior_mse"} <= set(metrics)  # the last batch held class images
 
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 import yaml
 
@@ -40,9 +41,25 @@ def config_options(config: str | Path | None, part: str) -> dict[str, Any]:
     return {"config": str(config)}
 
 
+def check_single_file(path: Path) -> None:
+    """A .safetensors file must have a readable header (an empty, truncated or lying file is one
+    line, not the architecture advice below); only its header is read."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # noqa: BLE001 - safetensors' errors: the file's, one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(
+            f"model.pretrained={path} is not a readable safetensors file ({first})"
+        ) from None
+
+
 def load_single_file(cls: type, path: str | Path, part: str, config: str | Path | None) -> Any:
     """cls (UNet2DConditionModel, AutoencoderKL) from a single file, in float32 from disk."""
     options = config_options(config, part)
+    check_single_file(Path(path))
     try:
         return cls.from_single_file(
             str(path), local_files_only=True, torch_dtype=torch.float32, **options
@@ -51,7 +68,7 @@ def load_single_file(cls: type, path: str | Path, part: str, config: str | Path 
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         given = f"model.pretrained_config={config}" if config else "no model.pretrained_config"
         raise UserError(
-            f"model.pretrained={path}: diffusers cannot read it as a {cls.__name__} with {given} "
+            f"model.pretrained={path}: diffusers cannot read it as {cls.__name__} weights with {given} "
             f"({first}); give its architecture with model.pretrained_config=FOLDER (a diffusers "
             "folder of the same model: its JSON files are enough) or =FILE.yaml (its original "
             "config)"
