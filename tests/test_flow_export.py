@@ -234,7 +234,9 @@ def test_a_transformer_export_is_a_starting_point(transformer, make_cfg):
 
     module, export = transformer
     cfg = make_cfg("stage=unet", "model=unet/dit_tiny", f"model.pretrained={export}")
-    net = unet_net(cfg.model.net, cfg.model.pretrained)
+    pretrained = unet_net(cfg.model.net, cfg.model.pretrained)
+    net = pretrained.net
     assert isinstance(net, SD3Transformer2DModel) and net.training
+    assert pretrained.source == str(export / "transformer")
     state = net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in module.net.state_dict().items())
