@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/concept"))
     parser.add_argument("--prior", action="store_true", help="DreamBooth's class images too")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"LoRA steps ({STEPS})")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], help="--lora-scale values measured (1)"
+    )
     args = parser.parse_args()
     base, clip = args.base.resolve(), args.clip.resolve()
     if not (base.is_dir() and clip.is_dir()):
@@ -175,11 +178,14 @@ def main() -> None:
     overrides += [f"trainer.max_steps={args.steps}", f"paths.output_root={args.out.resolve()}"]
     _, objects = train(compose_config(overrides))
     before = measure(Pipeline.load(base), judge, clip, cfg)
-    adapted = Pipeline.load(base)
-    adapted.add_loras([LoraSpec(objects["export_dir"])])
-    after = measure(adapted, judge, clip, cfg)
-    for name in before:
-        print(f"{name:>18s}: base {before[name]:.3f} -> adapted {after[name]:.3f}")
+    for scale in args.scales:
+        adapted = Pipeline.load(base)
+        adapted.add_loras([LoraSpec(objects["export_dir"], scale)])
+        after = measure(adapted, judge, clip, cfg)
+        for name in before:
+            print(
+                f"{name:>18s}: base {before[name]:.3f} -> adapted {after[name]:.3f} (scale {scale})"
+            )
     data = f"{IMAGES} {NEW} images" + (" + as many class images" if args.prior else "")
     wall, cpu = (time.monotonic() - started) / 60, (time.process_time() - cpu) / 60
     print(
