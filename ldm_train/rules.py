@@ -60,11 +60,13 @@ def convert(kind: type, text: str) -> Any:
         return text
 
 
-def bounds(low: float | None, high: float | None, low_open: bool = False) -> str:
-    if low is not None and high is not None and not low_open:
+def bounds(
+    low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> str:
+    if low is not None and high is not None and not (low_open or high_open):
         return f"from {low} to {high}"
     parts = [] if low is None else [f"{'>' if low_open else '>='} {low}"]
-    parts += [] if high is None else [f"<= {high}"]
+    parts += [] if high is None else [f"{'<' if high_open else '<='} {high}"]
     return " and ".join(parts)
 
 
@@ -93,22 +95,25 @@ class Int(Rule):
 
 @dataclass(frozen=True)
 class Real(Rule):
-    """A finite number (nan and inf are refused) within the bounds (low excluded if low_open)."""
+    """A finite number (nan and inf are refused) within the bounds (each excluded if open)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     null: bool = False
+    high_open: bool = False
 
     @property
     def allowed(self) -> str:
-        return f"a finite number {bounds(self.low, self.high, self.low_open)}".rstrip()
+        shown = bounds(self.low, self.high, self.low_open, self.high_open)
+        return f"a finite number {shown}".rstrip()
 
     def fits(self, value: Any) -> bool:
         if not is_number(value) or not math.isfinite(value):
             return False
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        return above and (self.high is None or value <= self.high)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
     parse = staticmethod(lambda text: convert(float, text))
 

@@ -16,6 +16,7 @@ from typing import Any, get_args
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from ldm_train.adapters.lora import ADAPTER_RULES
 from ldm_train.diffusion.sampler import SAMPLING_RULES
 from ldm_train.errors import UserError, first_line
 from ldm_train.rules import SEED, Choice, Either, Flag, Int, Numbers, Real, Rule, Text, Texts
@@ -179,6 +180,7 @@ TABLE: dict[str, Rule] = {
     "stage.module.validation.metrics.batch_size": COUNT,
     **{f"stage.module.validation.sampling.{k}": rule for k, rule in SAMPLING_RULES.items()},
     **{f"stage.evaluate.{k}": rule for k, rule in SAMPLING_RULES.items()},
+    **{f"adapter.{k}": rule for k, rule in ADAPTER_RULES.items()},
     "stage.evaluate.n_per_prompt": COUNT,
 }
 

@@ -27,6 +27,7 @@ from ldm_train.adapters.lora import LoraAdapter, check_adapter_state
 from ldm_train.adapters.merge import merge
 from ldm_train.adapters.prior import prior_flags, prior_losses
 from ldm_train.atomic import MARKER
+from ldm_train.checks import check_values
 from ldm_train.config import compose_config
 from ldm_train.data.datamodule import expand_urls
 from ldm_train.data.stream import LoaderConfig, build_pipeline
@@ -289,8 +290,14 @@ def test_what_cannot_work_is_one_line_each(make_cfg):
     encoder = TransformersTextEncoder(parts.text_encoder, parts.tokenizer)
     with pytest.raises(UserError, match="hidden states cannot be kept"):
         adapter.text_model(Conditioning(encoder, cache_size=8))
-    with pytest.raises(UserError, match="adapter.rank=0; need >= 1"):
+    with pytest.raises(UserError, match="adapter.rank=0 must be an integer >= 1"):
         LoraAdapter(rank=0)
+    with pytest.raises(
+        UserError, match=r"adapter.dropout=1.0 must be a finite number >= 0 and < 1"
+    ):
+        LoraAdapter(dropout=1.0)
+    with pytest.raises(UserError, match="adapter.alpha=0 must be a finite number > 0"):
+        check_values(make_cfg("stage=unet", "adapter=lora", "adapter.alpha=0"))  # before a build
     with pytest.raises(UserError, match="adapts stage=unet only"):
         train(make_cfg("stage=vae", "adapter=lora"))
     names, known = {"net.a.lora_A.weight"}, {"net.a.lora_A.weight", "net.a.weight"}

@@ -26,6 +26,7 @@ from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder
 from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import save_lora
+from ldm_train.rules import Int, Real, Rule
 
 # The attention projections diffusers' LoRA examples adapt: train_dreambooth_lora.py (U-Net) and
 # train_dreambooth_lora_sd3.py (the MMDiT, whose joint attention also projects the text stream).
@@ -37,6 +38,14 @@ DENOISER_TARGETS: dict[str, tuple[str, ...]] = {
     ),
 }
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPTextModel's attention
+# adapter.<key>'s values (the config's schema checks them before a run; the dataclass again when
+# code builds one)
+ADAPTER_RULES: dict[str, Rule] = {
+    "rank": Int(1),
+    "alpha": Real(0, low_open=True),  # the update is scaled by alpha / rank
+    "dropout": Real(0, 1, high_open=True),
+    "text_encoder_lr": Real(0, low_open=True, null=True),  # null: the optimizer's
+}
 
 
 @dataclass
@@ -53,14 +62,8 @@ class LoraAdapter:
     kohya: bool = False  # also write the kohya layout beside diffusers'
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"adapter.rank={self.rank}; need >= 1")
-        if self.alpha <= 0:
-            raise UserError(f"adapter.alpha={self.alpha}; need > 0 (the scale is alpha / rank)")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"adapter.dropout={self.dropout}; need 0 <= dropout < 1")
-        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
-            raise UserError(f"adapter.text_encoder_lr={self.text_encoder_lr}; need > 0 (or null)")
+        for name, rule in ADAPTER_RULES.items():
+            rule.check(f"adapter.{name}", getattr(self, name))
 
     def config(self, targets: Sequence[str]) -> LoraConfig:
         # "gaussian": A ~ N(0, 1/r), B = 0 (diffusers' examples): it starts as the base model.

@@ -39,7 +39,7 @@ from diffusers.utils.peft_utils import get_peft_kwargs, recurse_remove_peft_laye
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, first_line
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' examples write
@@ -170,7 +170,7 @@ def read_lora(path: Path, denoiser: torch.nn.Module) -> tuple[dict, dict | None,
             **options,
         )
     except (ValueError, OSError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise UserError(f"--lora {path}: not a LoRA file diffusers reads: {first[:200]}") from None
 
 

@@ -19,7 +19,7 @@ import safetensors
 import torch
 import yaml
 
-from ldm_train.errors import UserError
+from ldm_train.errors import UserError, first_line
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
@@ -50,7 +50,7 @@ def check_single_file(path: Path) -> None:
         with safetensors.safe_open(str(path), framework="pt") as weights:
             weights.keys()
     except Exception as error:  # noqa: BLE001 - safetensors' errors: the file's, one line
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, 200)
         raise UserError(
             f"model.pretrained={path} is not a readable safetensors file ({first})"
         ) from None
@@ -65,7 +65,7 @@ def load_single_file(cls: type, path: str | Path, part: str, config: str | Path 
             str(path), local_files_only=True, torch_dtype=torch.float32, **options
         )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, 200)
         given = f"model.pretrained_config={config}" if config else "no model.pretrained_config"
         raise UserError(
             f"model.pretrained={path}: diffusers cannot read it as {cls.__name__} weights with {given} "

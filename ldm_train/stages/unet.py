@@ -128,9 +128,9 @@ class UnetStage(StageModule):
         prior_weight: float = 1.0,
     ):
         """net: a UNet2DConditionModel or SD3Transformer2DModel, its preset (a partial) sized
-        from the parts, or a Pretrained one (model.pretrained: kept as it is). adapter: LoRA (ldm_train.adapters.lora): only its weights train and are
-        checkpointed. prior_weight: the loss weight of class images (sample json "prior": true;
-        ldm_train.adapters.prior)."""
+        from the parts, or a Pretrained one (model.pretrained: kept as it is). adapter: LoRA
+        (ldm_train.adapters.lora): only its weights train and are checkpointed. prior_weight: the
+        loss weight of class images (sample json "prior": true; ldm_train.adapters.prior)."""
         super().__init__(optimizer, lr_scheduler, perf)
         self.conditioning = conditioning or Conditioning()
         self.latents = latents or LatentEncoder()
