@@ -31,16 +31,11 @@ PROMPTS = ["a large red circle in the center on a blue background", "a small gre
 N = 2
 
 
-def train_export(tmp_path_factory, tiny_overrides, unet_overrides, *extra: str) -> tuple:
-    tmp = tmp_path_factory.mktemp("flow")
-    return train_tiny_unet(tmp, tiny_overrides, unet_overrides, *extra)
-
-
 @pytest.fixture(scope="module")
 def flow_unet(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
     """(stage, export): a U-Net trained 2 steps with flow matching, logit-normal timesteps."""
-    return train_export(
-        tmp_path_factory,
+    return train_tiny_unet(
+        tmp_path_factory.mktemp("flow"),
         tiny_overrides,
         unet_overrides,
         "model.prediction_type=flow",
@@ -53,8 +48,8 @@ def flow_unet(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
 @pytest.fixture(scope="module")
 def transformer(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
     """(stage, export): the dit_tiny transformer (flow) trained 2 steps, 2 blocks."""
-    return train_export(
-        tmp_path_factory,
+    return train_tiny_unet(
+        tmp_path_factory.mktemp("dit"),
         tiny_overrides,
         unet_overrides,
         "model=unet/dit_tiny",

@@ -70,27 +70,13 @@ def write_model_index(
 ) -> None:
     """model_index.json of the pipeline class of this net (the parts are saved by the caller)."""
     text_model, tokenizer = converted
-    if is_transformer(net):
-        pipeline = StableDiffusion3Pipeline(
-            transformer=net,
-            scheduler=sampler,
-            vae=vae,
-            text_encoder=text_model,
-            tokenizer=tokenizer,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
+    shared = {"vae": vae, "text_encoder": text_model, "tokenizer": tokenizer, "scheduler": sampler}
+    if is_transformer(net):  # SD3's second and third text encoders: none
+        nothing = dict.fromkeys(("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"))
+        pipeline = StableDiffusion3Pipeline(transformer=net, **shared, **nothing)
     else:
+        no_checker = {"safety_checker": None, "feature_extractor": None}
         pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_model,
-            tokenizer=tokenizer,
-            unet=net,
-            scheduler=sampler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            unet=net, **shared, **no_checker, requires_safety_checker=False
         )
     pipeline.save_config(out_dir)
