@@ -56,7 +56,7 @@ from ldm_train.diffusion.conditioning import text_context
 from ldm_train.diffusion.latents import vae_moments
 from ldm_train.errors import UserError
 from ldm_train.formats.vae_folder import vae_scale_factor
-from ldm_train.rules import typed
+from ldm_train.rules import Parser, typed
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.Parser(
+    parser = Parser(
         "python -m ldm_train.cache_latents",
         "Encode the training shards with the frozen VAE and text encoder of stage=unet.",
     )

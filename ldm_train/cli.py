@@ -1,5 +1,5 @@
 """What the commands (generate, evaluate, export, cache_latents) share on their command lines: a
-parser whose errors are one line, options typed and bounded by rules (ldm_train.rules), each option
+parser whose errors are one line (ldm_train.rules.Parser), options typed and bounded by rules (ldm_train.rules), each option
 declared once here, and the one-line report of a UserError with exit code 2.
 
 An option not given is None and means "what the loaded export or run says": generate and evaluate
@@ -24,18 +24,6 @@ from ldm_train.rules import Int, typed
 
 IMAGES_PER_PROMPT = Int(1, 10_000)
 BATCH = Int(1, 4096)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line (no usage block above them), exit code 2."""
-
-    def __init__(self, prog: str, doc: str | None) -> None:
-        super().__init__(
-            prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

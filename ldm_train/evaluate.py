@@ -50,7 +50,7 @@ from ldm_train.metrics.reference import (
     read_validation,
 )
 from ldm_train.metrics.sample import SampleMetrics, build_sample_metrics
-from ldm_train.rules import Int, typed
+from ldm_train.rules import Int, Parser, typed
 from ldm_train.rundir import RunDir
 from ldm_train.safety import check_local_urls
 from ldm_train.schema import check_config
@@ -223,7 +223,7 @@ def evaluate(args: argparse.Namespace, scratch: Path) -> tuple[dict, Callable[[P
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = cli.Parser("python -m ldm_train.evaluate", __doc__)
+    parser = Parser("python -m ldm_train.evaluate", __doc__)
     parser.add_argument("target", help="a unet export folder, unet run directory or .ckpt file")
     parser.add_argument("overrides", nargs="*", help="key=value on the run's config (data.*)")
     cli.add_image_options(parser)

@@ -19,6 +19,7 @@ from ldm_train import cli
 from ldm_train.atomic import write_folder
 from ldm_train.checkpoints import checkpoint_stage, load_checkpoint
 from ldm_train.errors import UserError, first_line
+from ldm_train.rules import Parser
 from ldm_train.rundir import RunDir
 from ldm_train.safety import Trusted, rebuild
 from ldm_train.schema import check_config
@@ -92,7 +93,7 @@ def export_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.Parser("python -m ldm_train.export", __doc__)
+    parser = Parser("python -m ldm_train.export", __doc__)
     parser.add_argument("target", help="a run directory (uses its last checkpoint) or a .ckpt file")
     parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
     parser.add_argument(

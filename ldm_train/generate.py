@@ -29,7 +29,7 @@ from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sizes import save_rows
 from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import lora_specs
-from ldm_train.rules import Real, typed
+from ldm_train.rules import Parser, Real, typed
 
 log = logging.getLogger("ldm_train.generate")
 KNOWN = ("images.json",)  # what marked generate's output before the marker file
@@ -59,7 +59,7 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = cli.Parser("python -m ldm_train.generate", __doc__)
+    parser = Parser("python -m ldm_train.generate", __doc__)
     parser.add_argument("export_dir", help="the folder stage=unet exports (.../unet/export)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
     cli.add_image_options(parser, sizes=True)

@@ -236,3 +236,15 @@ def typed(rule: Rule) -> Callable[[str], Any]:
 
     convert.__name__ = type(rule).__name__.lower()
     return convert
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (no usage block above them), exit code 2."""
+
+    def __init__(self, prog: str, doc: str | None) -> None:
+        super().__init__(
+            prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")

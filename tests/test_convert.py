@@ -226,6 +226,24 @@ def test_cli_exit_code_2_on_missing_or_empty_folder(tmp_path):
     assert convert.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"]) == 2
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--val-fraction", "nan", "must be a finite number > 0 and < 1"),
+        ("--val-fraction", "1", "must be a finite number > 0 and < 1"),
+        ("--shard-size", "0", "must be an integer from 1"),
+        ("--seed", "-1", "must be an integer from 0"),
+    ],
+)
+def test_a_bad_number_is_one_line_and_exit_code_2(source, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as done:
+        convert.main([str(source), str(tmp_path / "out"), option, value, "--quiet"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and option in err and message in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_val_fraction_holds_out_a_seeded_share_and_prints_both_keys(tmp_path, capsys):
     src = tmp_path / "src"
     for i in range(10):

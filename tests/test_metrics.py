@@ -418,7 +418,7 @@ def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
     ]:
         try:
             code = main([*args, "--out", str(tmp_path / "out")])
-        except SystemExit as exit:  # argparse's own errors (cli.Parser: one line, exit code 2)
+        except SystemExit as exit:  # argparse's own errors (rules.Parser: one line, exit code 2)
             code = exit.code
         assert code == 2
         error = capsys.readouterr().err

@@ -35,7 +35,7 @@ from ldm_train.data.folder_samples import (
     unique_key,
 )
 from ldm_train.data.shards import shard_glob, shard_urls, shard_writer_pattern
-from ldm_train.rules import SEED, Int, Real, typed
+from ldm_train.rules import SEED, Int, Parser, Real, typed
 
 logger = logging.getLogger(__name__)
 PROG = "python -m ldm_train.data.convert"
@@ -210,10 +210,10 @@ def _log_summary(report: ConvertReport, out_dir: Path, prefix: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Convert a folder of images with same-name .txt (or .caption) captions to "
-        "WebDataset shards.",
+    parser = Parser(
+        PROG,
+        "Convert a folder of images with same-name .txt (or .caption) captions to WebDataset "
+        "shards.",
     )
     parser.add_argument("src", type=Path, help="folder of images and captions (recursive)")
     parser.add_argument("out", type=Path, help="output folder for the shards")
@@ -223,7 +223,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefix", default="train", help="shard name prefix (train, val, ...)")
     parser.add_argument(
         "--val-fraction",
-        type=typed(Real(0, 1, low_open=True)),
+        type=typed(Real(0, 1, low_open=True, high_open=True)),
         help="hold out this share of the images as val-*.tar (e.g. 0.05); --prefix is then unused",
     )
     parser.add_argument(
