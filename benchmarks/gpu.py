@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu_measure import DRY, GPU, MOSAIC_PER_A100, ROWS, RUN_ORDER, row_title
-from benchmarks.gpu_smoke import child_env, run_smokes
+from benchmarks.gpu_smoke import SMOKE_NAMES, child_env, run_smokes
 
 ROW_TIMEOUT = {"unet-foreach": 240, "unet-compile": 300}  # the first builds the sd15 U-Net
 DEFAULT_ROW_TIMEOUT = 120
@@ -188,8 +188,16 @@ def device_line(dry: bool) -> str:
     return f"{name}, torch {torch.__version__}, CUDA {cuda}, NCCL {nccl}"
 
 
-def run(dry: bool, budget: float, smoke_time: float, work: Path, rows: list[str]) -> int:
-    """The measurements, then the smoke runs (smoke_time 0: none); the table; 0 if all passed."""
+def run(
+    dry: bool,
+    budget: float,
+    smoke_time: float,
+    work: Path,
+    rows: list[str],
+    smoke_names: list[str] | None = None,
+) -> int:
+    """The measurements, then the smoke runs named (None: all; smoke_time 0: none); the table; 0
+    if all passed."""
     import torch
 
     if not dry and not torch.cuda.is_available():
@@ -203,7 +211,9 @@ def run(dry: bool, budget: float, smoke_time: float, work: Path, rows: list[str]
     print(f"gpu-check: {device_line(dry)}; work folder {work}", flush=True)
     results = measure_rows(rows, work, dry, deadline - smoke_time)
     cuda = torch.cuda.is_available() and not dry
-    smokes = run_smokes(cuda, work, deadline - time.monotonic()) if smoke_time > 0 else []
+    smokes = (
+        run_smokes(cuda, work, deadline - time.monotonic(), smoke_names) if smoke_time > 0 else []
+    )
     report = "\n".join([table(results, smokes, DRY if dry else GPU), "", *notes(results)])
     print(report + f"\n({time.monotonic() - started:.0f} s)")
     summary = {"results": results, "smokes": {s.name: s.result for s in smokes}}
@@ -230,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", help=f"comma-separated measurements (default all: {','.join(RUN_ORDER)})"
     )
+    parser.add_argument(
+        "--smokes",
+        help=f"comma-separated smoke runs (default all: {','.join(SMOKE_NAMES)})",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -237,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child.split(","), work, args.dry)
         return 0
     rows = args.rows.split(",") if args.rows else RUN_ORDER
-    unknown = set(rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
-    return run(args.dry, args.budget, args.smoke_time, work, rows)
+    smoke_names = args.smokes.split(",") if args.smokes else None
+    for kind, asked, known in (("rows", rows, ROWS), ("smokes", smoke_names or [], SMOKE_NAMES)):
+        if unknown := set(asked) - set(known):
+            parser.error(f"unknown {kind} {sorted(unknown)}; choose from {', '.join(known)}")
+    return run(args.dry, args.budget, args.smoke_time, work, rows, smoke_names)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def smokes(cuda: bool) -> list[Smoke]:
     ]
 
 
+SMOKE_NAMES = [smoke.name for smoke in smokes(cuda=True)]
+
+
 def shared_overrides(smoke: Smoke, work: Path, data: Path, upstream: dict[str, Path]) -> list[str]:
     return [
         "stage=unet",
@@ -235,8 +238,11 @@ def run_smoke(smoke: Smoke, shared: list[str], logs: Path, timeout: float) -> di
     return {"status": "ok", "note": note, "seconds": round(time.monotonic() - started, 1)}
 
 
-def run_smokes(cuda: bool, work: Path, timeout: float) -> list[Smoke]:
-    """Every smoke run at once, each within `timeout` seconds; results in smoke.result."""
+def run_smokes(
+    cuda: bool, work: Path, timeout: float, names: list[str] | None = None
+) -> list[Smoke]:
+    """The smoke runs named (None: all) at once, each within `timeout` seconds; results in
+    smoke.result."""
     from benchmarks.common import write_upstream
     from ldm_train.data.shapes import make_shapes_dataset
 
@@ -248,7 +254,7 @@ def run_smokes(cuda: bool, work: Path, timeout: float) -> list[Smoke]:
     upstream = write_upstream(work / "smoke-parts")
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    todo = smokes(cuda)
+    todo = [smoke for smoke in smokes(cuda) if names is None or smoke.name in names]
     for smoke in todo:
         if smoke.needs_cuda and not cuda:
             smoke.result = {

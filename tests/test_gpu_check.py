@@ -14,13 +14,23 @@ import torch
 from benchmarks import gpu
 from benchmarks.gpu import main
 from benchmarks.gpu_measure import ROWS, peak_flops
-from benchmarks.gpu_smoke import reason
+from benchmarks.gpu_smoke import reason, shared_overrides, smokes
+from ldm_train.config import check_overrides, compose_config
+from ldm_train.train import validate
+
+
+# The smoke run the dry run below makes: the torchrun "nodes" path, the only one of the smokes'
+# launchers that the other smokes do not share. The others run the same code with other overrides
+# (trainer=fsdp, bf16, a resume), which test_every_smoke_run_composes_a_valid_config checks without
+# training; `make gpu-check ARGS=--dry` runs them all, and tests/test_distributed.py,
+# tests/test_ddp.py and tests/test_resume.py train those paths.
+DRY_SMOKE = "ddp-gloo"
 
 
 @pytest.mark.slow
-def test_the_dry_run_measures_every_row_and_runs_every_smoke_run(tmp_path, run_cli):
+def test_the_dry_run_measures_every_row_and_runs_a_smoke_run(tmp_path, run_cli):
     work = tmp_path / "work"
-    args = ["-m", "benchmarks.gpu", "--dry", "--work", str(work)]
+    args = ["-m", "benchmarks.gpu", "--dry", "--work", str(work), "--smokes", DRY_SMOKE]
     # Generous: the CPU is slow at this and shared; on a GPU the default budget is 300 s.
     result = run_cli([*args, "--budget", "1500", "--smoke-time", "900"], tmp_path, False, 1600)
     output = result.stdout + result.stderr
@@ -31,14 +41,31 @@ def test_the_dry_run_measures_every_row_and_runs_every_smoke_run(tmp_path, run_c
         assert row["images_per_s"] > 0
         if name.startswith("unet"):  # the U-Net's FLOPs were counted, so MFU can be on a GPU
             assert row["tflops"] > 0 and row["vs_mosaic"] > 0
-    smokes = summary["smokes"]
-    for nccl in ("ddp-nccl", "fsdp-2-nccl"):  # no CUDA, no NCCL
-        assert smokes.pop(nccl)["status"] == "skipped"
-    assert set(smokes) == {"ddp-gloo", "fsdp-1", "fsdp-2-gloo", "bf16-resume"}
-    for name, smoke in smokes.items():
-        assert smoke["status"] == "ok", (name, smoke, output[-3000:])
+    assert set(summary["smokes"]) == {DRY_SMOKE}
+    assert summary["smokes"][DRY_SMOKE]["status"] == "ok", (summary, output[-3000:])
     assert "| U-Net tiny 32 px, cached latents, bf16, foreach AdamW |" in result.stdout
+    assert "| DDP, 2 processes on one device, gloo | | | | | ok: 2 steps" in result.stdout
     assert "latent cache speed-up here" in result.stdout
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["dry", "gpu"])
+def test_every_smoke_run_composes_a_valid_config(tmp_path, monkeypatch, cuda):
+    if cuda:  # validate counts the GPUs the run asks for: one is there
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    upstream = {"vae": tmp_path / "vae", "clip": tmp_path / "clip"}
+    for smoke in smokes(cuda):
+        shared = shared_overrides(smoke, tmp_path, tmp_path / "data", upstream)
+        for overrides in smoke.runs:
+            argv = [*shared, *overrides]
+            check_overrides(argv)
+            validate(compose_config(argv))
+
+
+def test_an_unknown_smoke_run_lists_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--dry", "--work", str(tmp_path), "--smokes", "ddp-gloo,ddp-mpi"])
+    assert "unknown smokes ['ddp-mpi']; choose from ddp-nccl, ddp-gloo" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
