@@ -17,6 +17,7 @@ words.
     python -m benchmarks.concept [--base outputs/shapes/unet/export]
       [--clip outputs/shapes/clip/export] [--steps 300]
       [--prior]   (DreamBooth: as many class images of the old prompts, drawn by the base, mixed in)
+      [--scales 1 0.5] [OVERRIDE ...]   (more overrides over experiment=lora, e.g. adapter.rank=4)
 
 make bench runs it when make demo's exports are there. On a shared machine run it with
 OMP_NUM_THREADS=1 (it prints the CPU minutes it took).
@@ -163,6 +164,9 @@ def main() -> None:
     parser.add_argument(
         "--scales", type=float, nargs="+", default=[1.0], help="--lora-scale values measured (1)"
     )
+    parser.add_argument(
+        "overrides", nargs="*", help="more overrides over experiment=lora (e.g. adapter.rank=4)"
+    )
     args = parser.parse_args()
     base, clip = args.base.resolve(), args.clip.resolve()
     if not (base.is_dir() and clip.is_dir()):
@@ -176,6 +180,7 @@ def main() -> None:
     urls = concept_data(args.out.resolve(), base, cfg, args.prior)
     overrides = ["experiment=lora", f"model.pretrained={base}", f"data.train_urls={urls}", *TRAIN]
     overrides += [f"trainer.max_steps={args.steps}", f"paths.output_root={args.out.resolve()}"]
+    overrides += args.overrides
     _, objects = train(compose_config(overrides))
     before = measure(Pipeline.load(base), judge, clip, cfg)
     for scale in args.scales:

@@ -257,6 +257,16 @@ def _publish(tmp_dir: Path, out_dir: Path, train_shards: int, val_shards: int) -
         os.replace(path, out_dir / path.name)
 
 
+def _params(image_size, n_train, n_val, seed, canvases, shapes) -> dict:
+    """What a dataset was made with (params.json): the same params give the same shards."""
+    params = {"image_size": image_size, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if canvases:
+        params["canvases"] = [[int(side) for side in canvas] for canvas in canvases]
+    if shapes:  # unknown ones: _draw_shape's ValueError
+        params["shapes"] = list(shapes)
+    return params
+
+
 def make_shapes_dataset(
     out_dir: str | Path,
     image_size: int = 32,
@@ -277,12 +287,8 @@ def make_shapes_dataset(
     None: every image image_size square. shapes: the ones drawn (None: SHAPES; NEW_SHAPES too).
     """
     out_dir = Path(out_dir)
-    params = {"image_size": image_size, "n_train": n_train, "n_val": n_val, "seed": seed}
-    if canvases:
-        canvases = [[int(side) for side in canvas] for canvas in canvases]
-        params["canvases"] = canvases
-    if shapes:  # unknown ones: _draw_shape's ValueError
-        params["shapes"] = list(shapes)
+    params = _params(image_size, n_train, n_val, seed, canvases, shapes)
+    canvases = params.get("canvases")
     if shards_exist(out_dir, train_shards, val_shards):
         logger.info("shapes dataset already in %s", out_dir)
         _warn_if_params_differ(out_dir, params)
