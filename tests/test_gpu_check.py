@@ -18,7 +18,6 @@ from benchmarks.gpu_smoke import reason, shared_overrides, smokes
 from ldm_train.config import check_overrides, compose_config
 from ldm_train.train import validate
 
-
 # The smoke run the dry run below makes: the torchrun "nodes" path, the only one of the smokes'
 # launchers that the other smokes do not share. The others run the same code with other overrides
 # (trainer=fsdp, bf16, a resume), which test_every_smoke_run_composes_a_valid_config checks without
