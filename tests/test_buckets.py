@@ -12,8 +12,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
 from PIL import Image
+from test_resume import assert_same_parameters, train_recorder
 
 from ldm_train.data.bucket_batches import BucketBatcher, shape_of
 from ldm_train.data.bucket_sizes import BucketTransform, make_buckets, nearest_bucket
@@ -242,18 +242,7 @@ class ShapeRecorder(L.LightningModule):
 
 
 def recorded_run(mixed_cfg, steps: int, workers: int, *extra: str) -> ShapeRecorder:
-    cfg = mixed_cfg(
-        f"trainer.max_steps={steps}",
-        f"data.num_workers={workers}",
-        "data.batches_per_epoch=5",
-        "data.random_flip=true",
-        "data.crop=random",
-        "data.bucket_cap=12",
-        *extra,
-    )
-    with open_dict(cfg):
-        cfg.stage.module = OmegaConf.create({"_target_": f"{__name__}.ShapeRecorder"})
-    return train(cfg)[1]["module"]
+    return train_recorder(mixed_cfg, ShapeRecorder, steps, workers, "data.bucket_cap=12", *extra)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -263,8 +252,7 @@ def test_resume_mid_epoch_with_buckets_ends_with_the_same_weights(mixed_cfg, wor
     resumed = recorded_run(mixed_cfg, 12, workers, "experiment_name=cut")
     assert first.seen + resumed.seen == straight.seen
     assert {shape[-2:] for _, shape in straight.seen} == SHAPES
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_parameters(straight, resumed)
 
 
 # ---------------------------------------------------------------- DDP
