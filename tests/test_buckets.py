@@ -4,7 +4,6 @@ weights after a stop mid-epoch, 0 and 2 workers), and equal steps on every DDP r
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -13,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from PIL import Image
+from test_ddp import read_rank_records, write_rank_record
 from test_resume import assert_same_parameters, train_recorder
 
 from ldm_train.data.bucket_batches import BucketBatcher, shape_of
@@ -268,8 +268,7 @@ class StepCounter(L.Callback):
         self.shapes.append(list(batch["image"].shape))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = Path(trainer.default_root_dir) / f"shapes-rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.shapes))
+        write_rank_record(trainer, "shapes", self.shapes)
 
 
 @pytest.mark.slow
@@ -302,7 +301,7 @@ def test_every_ddp_rank_runs_the_same_steps_with_buckets(tmp_path, tiny_mixed_sh
     ]
     run_cli(args, tmp_path, timeout=600)
     run_dir = tmp_path / "shapes_mixed" / "clip"
-    ranks = [json.loads((run_dir / f"shapes-rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = read_rank_records(run_dir, "shapes")
     assert len(ranks[0]) == len(ranks[1]) == 7
     assert all(shape[0] == 8 for rank in ranks for shape in rank)
     assert {tuple(s[-2:]) for rank in ranks for s in rank} - SHAPES == set()
