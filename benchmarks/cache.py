@@ -20,10 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     alternate,
-    best,
     fit_rates,
+    fit_ratio_line,
     make_data,
-    ratio_line,
     setup_process,
     stage_config,
     write_upstream,
@@ -102,13 +101,7 @@ def main() -> None:
             RUNS, lambda: fit_rates(cfg, STEPS, WARMUP), lambda: fit_rates(cached, STEPS, WARMUP)
         )
         name = f"latent cache unet (batch {cfg.data.batch_size})"
-        cpu = best(r.cpu for r in from_cache), best(r.cpu for r in on_the_fly)
-        wall = best(r.wall for r in from_cache), best(r.wall for r in on_the_fly)
-        print(
-            ratio_line(name, *cpu, "steps/cpu-s", "encoding on the fly")
-            + f"; wall: {wall[0]:.2f} vs {wall[1]:.2f} steps/s = {wall[0] / wall[1]:.2f}x",
-            flush=True,
-        )
+        print(fit_ratio_line(name, from_cache, on_the_fly, "encoding on the fly"), flush=True)
         print(
             f"latent cache: encoding {info['samples_written']} images + captions took "
             f"{seconds:.1f} s = {info['samples_written'] / seconds:.0f} samples/s",

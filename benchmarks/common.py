@@ -139,6 +139,16 @@ def ratio_line(name: str, value: float, baseline: float, unit: str, what: str) -
     return f"{name}: {value:8.2f} {unit} vs {baseline:8.2f} {what} = {value / baseline:.2f}x"
 
 
+def fit_ratio_line(name: str, ours: list[Rates], baseline: list[Rates], what: str) -> str:
+    """The best steps per CPU second of our runs against the baseline's, then the best wall rates."""
+    cpu = best(r.cpu for r in ours), best(r.cpu for r in baseline)
+    wall = best(r.wall for r in ours), best(r.wall for r in baseline)
+    return (
+        ratio_line(name, *cpu, "steps/cpu-s", what)
+        + f"; wall: {wall[0]:.2f} vs {wall[1]:.2f} steps/s = {wall[0] / wall[1]:.2f}x"
+    )
+
+
 def alternate(runs: int, *measures) -> list[list[float]]:
     """Each measure called `runs` times, interleaved (a, b, a, b, ...): load on the machine
     changes slowly, so alternating spreads it over both sides."""

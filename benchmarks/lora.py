@@ -11,9 +11,6 @@ optimizer states and activations (CUDA's peak allocation on a GPU).
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,7 +26,7 @@ from benchmarks.common import (
     stage_config,
     write_upstream,
 )
-from benchmarks.memory import BeforeFit, peak_rss_mib
+from benchmarks.memory import BeforeFit, fresh_process_main, peak_rss_mib, run_fresh
 from ldm_train.data.datamodule import WebDataModule
 from ldm_train.train import build
 
@@ -73,14 +70,9 @@ def checkpoint_mib(cfg, tmp: Path) -> tuple[float, int]:
 
 def peak_memory(variant: str, tmp: Path) -> float:
     """In a child process: the rise of the peak memory (MiB) over 3 steps of the variant."""
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lora", "--memory", variant, "--tmp", str(tmp)],
-        capture_output=True,
-        text=True,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("peak")]
+    lines, errors = run_fresh("benchmarks.lora", "--memory", variant, tmp, "peak")
     if not lines:
-        raise RuntimeError(f"benchmarks.lora --memory {variant} failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"benchmarks.lora --memory {variant} failed:\n{errors}")
     return float(lines[0].split()[1])
 
 
@@ -133,11 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--memory", choices=list(VARIANTS))
-    parser.add_argument("--tmp", type=Path)
-    args = parser.parse_args()
-    if args.memory:
-        measure_memory(args.memory, args.tmp)
-    else:
-        main()
+    fresh_process_main("--memory", VARIANTS, measure_memory, main)

@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,40 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; macOS: bytes
+
+
+def run_fresh(
+    module: str, option: str, name: str, tmp: Path | str, prefix: str
+) -> tuple[list[str], str]:
+    """`python -m module option name --tmp tmp` in a fresh process (ru_maxrss never goes down, so
+    each measurement gets its own): the lines of its output that start with prefix, and the tail of
+    its stderr (to show when there are none)."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, option, name, "--tmp", str(tmp)],
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(prefix)]
+    return lines, result.stderr[-2000:]
+
+
+def fresh_process_main(
+    option: str,
+    names: Iterable[str],
+    measure: Callable[[str, Path], None],
+    main: Callable[[], None],
+) -> None:
+    """The command line of a benchmark that measures in fresh processes (run_fresh): with
+    `option NAME --tmp DIR`, the child's measure(NAME, DIR); without, main()."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument(option, choices=list(names))
+    parser.add_argument("--tmp", type=Path)
+    args = parser.parse_args()
+    name = getattr(args, option.removeprefix("--"))
+    if name:
+        measure(name, args.tmp)
+    else:
+        main()
 
 
 class BeforeFit(L.Callback):
@@ -78,21 +113,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_data(Path(tmp) / "shapes-32", n_train=1024)
         for stage in STAGES:  # a fresh process each: ru_maxrss never goes down
-            result = subprocess.run(
-                [sys.executable, "-m", "benchmarks.memory", "--stage", stage, "--tmp", tmp],
-                capture_output=True,
-                text=True,
-            )
-            lines = [x for x in result.stdout.splitlines() if x.startswith("memory")]
-            print(lines[0] if lines else f"memory {stage}: failed\n{result.stderr[-2000:]}")
+            lines, errors = run_fresh("benchmarks.memory", "--stage", stage, tmp, "memory")
+            print(lines[0] if lines else f"memory {stage}: failed\n{errors}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", choices=STAGES)
-    parser.add_argument("--tmp", type=Path)
-    args = parser.parse_args()
-    if args.stage:
-        measure(args.stage, args.tmp)
-    else:
-        main()
+    fresh_process_main("--stage", STAGES, measure, main)

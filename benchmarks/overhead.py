@@ -22,10 +22,9 @@ from benchmarks.common import (
     Clock,
     Rates,
     alternate,
-    best,
     fit_rates,
+    fit_ratio_line,
     make_data,
-    ratio_line,
     setup_process,
     stage_config,
     write_upstream,
@@ -139,13 +138,7 @@ def main() -> None:
                 lambda: fit_rates(cfg, steps, WARMUP),  # noqa: B023
             )
             name = f"overhead {stage:4s} (batch {cfg.data.batch_size})"
-            cpu = best(r.cpu for r in framework), best(r.cpu for r in bare)
-            wall = best(r.wall for r in framework), best(r.wall for r in bare)
-            print(
-                ratio_line(name, *cpu, "steps/cpu-s", "bare loop")
-                + f"; wall: {wall[0]:.2f} vs {wall[1]:.2f} steps/s = {wall[0] / wall[1]:.2f}x",
-                flush=True,
-            )
+            print(fit_ratio_line(name, framework, bare, "bare loop"), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ weights after a stop mid-epoch, 0 and 2 workers), and equal steps on every DDP r
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -12,8 +11,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
 from PIL import Image
+from test_ddp import read_rank_records, write_rank_record
+from test_resume import assert_same_parameters, train_recorder
 
 from ldm_train.data.bucket_batches import BucketBatcher, shape_of
 from ldm_train.data.bucket_sizes import BucketTransform, make_buckets, nearest_bucket
@@ -242,18 +242,7 @@ class ShapeRecorder(L.LightningModule):
 
 
 def recorded_run(mixed_cfg, steps: int, workers: int, *extra: str) -> ShapeRecorder:
-    cfg = mixed_cfg(
-        f"trainer.max_steps={steps}",
-        f"data.num_workers={workers}",
-        "data.batches_per_epoch=5",
-        "data.random_flip=true",
-        "data.crop=random",
-        "data.bucket_cap=12",
-        *extra,
-    )
-    with open_dict(cfg):
-        cfg.stage.module = OmegaConf.create({"_target_": f"{__name__}.ShapeRecorder"})
-    return train(cfg)[1]["module"]
+    return train_recorder(mixed_cfg, ShapeRecorder, steps, workers, "data.bucket_cap=12", *extra)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -263,8 +252,7 @@ def test_resume_mid_epoch_with_buckets_ends_with_the_same_weights(mixed_cfg, wor
     resumed = recorded_run(mixed_cfg, 12, workers, "experiment_name=cut")
     assert first.seen + resumed.seen == straight.seen
     assert {shape[-2:] for _, shape in straight.seen} == SHAPES
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_parameters(straight, resumed)
 
 
 # ---------------------------------------------------------------- DDP
@@ -280,8 +268,7 @@ class StepCounter(L.Callback):
         self.shapes.append(list(batch["image"].shape))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = Path(trainer.default_root_dir) / f"shapes-rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.shapes))
+        write_rank_record(trainer, "shapes", self.shapes)
 
 
 @pytest.mark.slow
@@ -314,7 +301,7 @@ def test_every_ddp_rank_runs_the_same_steps_with_buckets(tmp_path, tiny_mixed_sh
     ]
     run_cli(args, tmp_path, timeout=600)
     run_dir = tmp_path / "shapes_mixed" / "clip"
-    ranks = [json.loads((run_dir / f"shapes-rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = read_rank_records(run_dir, "shapes")
     assert len(ranks[0]) == len(ranks[1]) == 7
     assert all(shape[0] == 8 for rank in ranks for shape in rank)
     assert {tuple(s[-2:]) for rank in ranks for s in rank} - SHAPES == set()

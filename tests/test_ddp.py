@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -34,8 +35,22 @@ STAGES = {
 }
 
 
+def write_rank_record(trainer: L.Trainer, name: str, record: Any) -> None:
+    """<run_dir>/<name>-rank<N>.json: what a test's callback saw on this rank, for the test."""
+    path = Path(trainer.default_root_dir) / f"{name}-rank{trainer.global_rank}.json"
+    path.write_text(json.dumps(record))
+
+
+def read_rank_records(run_dir: Path, name: str, ranks: int = 2) -> list:
+    """What write_rank_record wrote on each rank of a run, by rank."""
+    return [json.loads((run_dir / f"{name}-rank{rank}.json").read_text()) for rank in range(ranks)]
+
+
 class KeyRecorder(L.Callback):
-    """Writes the sample keys each rank trained on to <run_dir>/keys-rank<N>.json."""
+    """Writes the sample keys each rank trained on to <run_dir>/keys-rank<N>.json (what record()
+    makes of them: a subclass may add more)."""
+
+    name = "keys"
 
     def __init__(self) -> None:
         self.keys: list[str] = []
@@ -43,9 +58,11 @@ class KeyRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.keys.extend(batch["key"])
 
+    def record(self, trainer: L.Trainer) -> Any:
+        return self.keys
+
     def on_train_end(self, trainer, pl_module) -> None:
-        path = Path(trainer.default_root_dir) / f"keys-rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.keys))
+        write_rank_record(trainer, self.name, self.record(trainer))
 
 
 class NanOnRank1(L.Callback):
@@ -89,7 +106,7 @@ def test_stage_trains_on_two_processes_with_disjoint_data(stage, tmp_path, cli, 
     run_dir = tmp_path / "outputs" / "shapes" / name
     assert global_step(run_dir) == 2
     assert any((run_dir / "export").iterdir())  # every rank entered the export, rank 0 wrote it
-    keys = [json.loads((run_dir / f"keys-rank{rank}.json").read_text()) for rank in (0, 1)]
+    keys = read_rank_records(run_dir, "keys")
     assert len(keys[0]) == len(keys[1]) == 2 * 8  # 2 steps of 8 samples on each rank
     assert not set(keys[0]) & set(keys[1])  # 4 shards: each rank reads 2 of its own
     if NAN_ON_RANK_1 in options:  # both ranks skipped step 1, so rank 0's weights stay finite

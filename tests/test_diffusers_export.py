@@ -46,19 +46,29 @@ def from_pretrained(export: Path) -> StableDiffusionPipeline:
     )
 
 
+def generators(n: int, seed: int) -> list[torch.Generator]:
+    """As ldm_train.generate seeds n images of each of PROMPTS: image j of every prompt from
+    seed + j."""
+    return [torch.Generator("cpu").manual_seed(s) for s in per_prompt(PROMPTS, n, seed)[1]]
+
+
+def generate_images(export: Path, n: int, options: SamplingOptions) -> torch.Tensor:
+    """The images of PROMPTS, n each, in [0, 1], that `python -m ldm_train.generate` draws."""
+    return (Pipeline.load(export).generate(PROMPTS, n, options) + 1) / 2
+
+
 def diffusers_images(
     pipe: StableDiffusionPipeline, image_size: int, n: int, options: SamplingOptions
 ) -> torch.Tensor:
     """diffusers' images in [0, 1], each from the generator of the seed ldm_train gives it."""
     sampler = options.sampler or "ddim"  # None: the model's default, DDIM for epsilon and v
     pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
-    seeds = per_prompt(PROMPTS, n, options.seed)[1]
     return pipe(
         PROMPTS,
         height=image_size,
         width=image_size,
         num_images_per_prompt=n,
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        generator=generators(n, options.seed),
         num_inference_steps=options.steps,
         guidance_scale=options.guidance,
         output_type="pt",
@@ -66,7 +76,7 @@ def diffusers_images(
 
 
 def assert_samples_as_generate(export: Path, options: SamplingOptions) -> torch.Tensor:
-    ours = (Pipeline.load(export).generate(PROMPTS, 2, options) + 1) / 2
+    ours = generate_images(export, 2, options)
     theirs = diffusers_images(from_pretrained(export), 32, 2, options)
     assert theirs.shape == ours.shape == (4, 3, 32, 32)
     assert (theirs - ours).abs().max() <= 1e-3

@@ -20,14 +20,13 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
+from test_diffusers_export import PROMPTS, generate_images, generators
 
-from ldm_train.diffusion.pipeline import Pipeline
 from ldm_train.diffusion.sampler import SamplingOptions, per_prompt
 from ldm_train.generate import main as generate_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
-PROMPTS = ["a large red circle in the center on a blue background", "a small green triangle"]
 N = 2
 
 
@@ -57,15 +56,6 @@ def transformer(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
     )
 
 
-def ours(export: Path, options: SamplingOptions) -> torch.Tensor:
-    return (Pipeline.load(export).generate(PROMPTS, N, options) + 1) / 2
-
-
-def generators(seed: int) -> list[torch.Generator]:
-    """As ldm_train.generate seeds them: image j of every prompt from seed + j."""
-    return [torch.Generator("cpu").manual_seed(s) for s in per_prompt(PROMPTS, N, seed)[1]]
-
-
 def dpm_flow(shift: float) -> DPMSolverMultistepScheduler:
     """README: DPM-Solver++ (2M) on flow sigmas, what --sampler dpmpp builds for a flow model."""
     return DPMSolverMultistepScheduler(
@@ -88,7 +78,7 @@ def euler_loop(export: Path, options: SamplingOptions) -> torch.Tensor:
     guided = options.guidance > 1
     cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", N, guided)
     context = torch.cat([uncond, cond]) if guided else cond
-    latents = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in generators(options.seed)])
+    latents = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in generators(N, options.seed)])
     scheduler.set_timesteps(options.steps)
     for t in scheduler.timesteps:
         velocity = pipe.unet(torch.cat([latents] * (1 + guided)), t, context).sample
@@ -115,7 +105,7 @@ def test_flow_unet_samples_in_diffusers_as_generate(flow_unet, guidance):
     export = flow_unet[1]
     euler = SamplingOptions(steps=4, guidance=guidance, seed=3)  # the export's default: euler
     theirs = euler_loop(export, euler)
-    assert (theirs - ours(export, euler)).abs().max() <= 1e-3
+    assert (theirs - generate_images(export, N, euler)).abs().max() <= 1e-3
     pipe = StableDiffusionPipeline.from_pretrained(
         export, safety_checker=None, local_files_only=True
     )
@@ -128,10 +118,10 @@ def test_flow_unet_samples_in_diffusers_as_generate(flow_unet, guidance):
         num_images_per_prompt=N,
         num_inference_steps=4,
         guidance_scale=guidance,
-        generator=generators(3),
+        generator=generators(N, 3),
         output_type="pt",
     ).images
-    assert (images - ours(export, dpmpp)).abs().max() <= 1e-3
+    assert (images - generate_images(export, N, dpmpp)).abs().max() <= 1e-3
     assert (images - theirs).abs().max() > 1e-3  # two samplers: two sets of images
 
 
@@ -200,15 +190,15 @@ def test_stable_diffusion_3_pipeline_samples_as_generate(transformer, sampler, g
         width=32,
         num_inference_steps=3,
         guidance_scale=guidance,
-        generator=generators(5),
+        generator=generators(N, 5),
         output_type="pt",
     ).images
     options = SamplingOptions(sampler=sampler, steps=3, guidance=guidance, seed=5)
-    generated = ours(export, options)
+    generated = generate_images(export, N, options)
     assert images.shape == generated.shape == (4, 3, 32, 32)
     assert (images - generated).abs().max() <= 1e-3
     if guidance > 1:
-        unguided = ours(export, SamplingOptions(sampler=sampler, steps=3, seed=5))
+        unguided = generate_images(export, N, SamplingOptions(sampler=sampler, steps=3, seed=5))
         assert (generated - unguided).abs().max() > 1e-3
 
 

@@ -7,12 +7,10 @@ process, resumes the run."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
+from test_ddp import KeyRecorder, read_rank_records
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +24,14 @@ NODE = [  # what each node runs: one process, one "device", of 2 nodes
 ]
 
 
-class RankRecorder(L.Callback):
-    """Writes <run_dir>/rank<N>.json: where Lightning placed this process, and its sample keys."""
+class RankRecorder(KeyRecorder):
+    """Writes <run_dir>/placement-rank<N>.json: where Lightning placed this process, and its sample
+    keys."""
 
-    def __init__(self) -> None:
-        self.keys: list[str] = []
+    name = "placement"
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.keys.extend(batch["key"])
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        record = {
+    def record(self, trainer: L.Trainer) -> dict:
+        return {
             "environment": type(trainer.strategy.cluster_environment).__name__,
             "global_rank": trainer.global_rank,
             "node_rank": trainer.node_rank,
@@ -45,8 +40,6 @@ class RankRecorder(L.Callback):
             "run_dir": trainer.default_root_dir,
             "keys": self.keys,
         }
-        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(record))
 
 
 def test_two_nodes_train_one_run_and_one_node_resumes(
@@ -77,7 +70,7 @@ def test_two_nodes_train_one_run_and_one_node_resumes(
 
     run_dir = tmp_path / "outputs" / "shapes" / "unet"
     assert [p.name for p in run_dir.parent.iterdir()] == ["unet"]  # one run directory
-    records = [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    records = read_rank_records(run_dir, "placement")
     for rank, record in enumerate(records):
         assert record["environment"] == "TorchElasticEnvironment"
         assert (record["global_rank"], record["node_rank"], record["local_rank"]) == (rank, rank, 0)

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import safetensors.torch
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_train.rundir import RunDir
 from ldm_train.train import train
@@ -53,20 +54,34 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(make_cfg, steps: int, workers: int, *extra: str):
-    cfg = make_cfg(
+def train_recorder(
+    compose: Callable[..., DictConfig], recorder: type, steps: int, workers: int, *extra: str
+) -> L.LightningModule:
+    """The trained module of a run of `recorder` (a test's LightningModule that records what it
+    saw) in place of the stage's module: `steps` steps on `workers` loader workers, 5 batches an
+    epoch, random flips and crops on. compose: make_cfg or mixed_cfg; extra: more overrides."""
+    cfg = compose(
         f"trainer.max_steps={steps}",
         f"data.num_workers={workers}",
         "data.batches_per_epoch=5",
         "data.random_flip=true",
         "data.crop=random",
-        "data.image_size=28",
         *extra,
     )
     with open_dict(cfg):
-        cfg.stage.module = OmegaConf.create({"_target_": f"{__name__}.Recorder"})
-    _, objects = train(cfg)
-    return objects["module"]
+        target = f"{recorder.__module__}.{recorder.__qualname__}"
+        cfg.stage.module = OmegaConf.create({"_target_": target})
+    return train(cfg)[1]["module"]
+
+
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bitwise the same weights: a resumed run's against those of a run that never stopped."""
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def run(make_cfg, steps: int, workers: int, *extra: str) -> Recorder:
+    return train_recorder(make_cfg, Recorder, steps, workers, "data.image_size=28", *extra)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -79,8 +94,7 @@ def test_resumed_run_sees_the_same_data_and_ends_with_the_same_weights(make_cfg,
     resumed = run(make_cfg, 12, workers, "experiment_name=cut", "checkpoint_every_n_steps=100")
     assert len(straight.seen) == 12 and len(first.seen) == stop
     assert first.seen + resumed.seen == straight.seen
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_parameters(straight, resumed)
 
 
 def test_a_damaged_last_checkpoint_resumes_from_the_newest_good_one_exactly(make_cfg):
@@ -90,8 +104,7 @@ def test_a_damaged_last_checkpoint_resumes_from_the_newest_good_one_exactly(make
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed during the write
     resumed = run(make_cfg, 12, 0, "experiment_name=cut", "checkpoint_every_n_steps=4")
     assert first.seen + resumed.seen == straight.seen  # from step00000008.ckpt
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_parameters(straight, resumed)
 
 
 STAGE_RUNS = {

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
+from test_ddp import read_rank_records, write_rank_record
 
 from ldm_train.callbacks.images import image_grid, log_image_rows
 from ldm_train.data.datamodule import expand_urls
@@ -199,8 +200,7 @@ class SamplingForwards(L.Callback):
         self.counting = False
 
     def on_train_end(self, trainer, pl_module) -> None:
-        path = Path(trainer.default_root_dir) / f"forwards-rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.counts))
+        write_rank_record(trainer, "forwards", self.counts)
 
 
 def logged_figures(run_dir: Path) -> dict[str, float]:
@@ -240,9 +240,9 @@ def test_two_processes_share_the_samples_and_log_one_processs_figures(
     assert logged_figures(two) == pytest.approx(logged_figures(one), rel=1e-4, abs=1e-6)
     assert set(logged_figures(two)) == SAMPLE_FIGURES | {"colour_acc"}
     steps = 2  # QUICK_SAMPLES: 2 sampling steps
-    assert json.loads((one / "forwards-rank0.json").read_text()) == [5 * steps]
-    for rank in (0, 1):  # the same forward passes on both ranks, padding included
-        assert json.loads((two / f"forwards-rank{rank}.json").read_text()) == [3 * steps]
+    assert read_rank_records(one, "forwards", ranks=1) == [[5 * steps]]
+    # The same forward passes on both ranks, padding included.
+    assert read_rank_records(two, "forwards") == [[3 * steps]] * 2
     grids = [run / "images" / "samples_step000002.png" for run in (one, two)]
     assert np.abs(grid_pixels(grids[0]) - grid_pixels(grids[1])).max() <= 1
     captions = val_captions(tiny_shards, 5)
