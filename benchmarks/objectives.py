@@ -1,6 +1,6 @@
 """Which objective and which network: the U-Net with epsilon, v-prediction and flow matching, and
 the MMDiT (SD3Transformer2DModel) with flow matching, at matched parameter counts (model=unet/demo,
-demo_flow: 1.08M; dit_tiny: 1.04M, with the demo's 64-wide text tower), trained side by side as
+demo_flow: 1.08M; dit_tiny: 1.03M, with the demo's 64-wide text tower), trained side by side as
 `make demo`'s chain trains its U-Net (stage=all's unet settings: batch 32, caches, a validation with
 fd_clip / clip_score / accuracy every 200 steps, samples in 20 steps, guidance 4).
 

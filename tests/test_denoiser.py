@@ -31,8 +31,9 @@ def test_dit_tiny_matches_the_demo_unets_parameter_count():
     assert isinstance(dit, SD3Transformer2DModel) and isinstance(unet, UNet2DConditionModel)
     assert dit.config.joint_attention_dim == dit.config.pooled_projection_dim == 64
     assert dit.config.caption_projection_dim == 64  # 2 heads x 32
-    assert dit.config.pos_embed_max_size == 8  # twice 8 / 2 patches
-    assert abs(count(dit) / count(unet) - 1) < 0.05  # 1.04M vs 1.08M
+    assert dit.config.patch_size == 1 and dit.config.qk_norm == "rms_norm"
+    assert dit.config.pos_embed_max_size == 16  # twice 8 / 1 patches
+    assert abs(count(dit) / count(unet) - 1) < 0.05  # 1.03M vs 1.08M
 
 
 def test_the_sd3_medium_preset_is_sd3_mediums_size():
@@ -63,7 +64,7 @@ def test_buckets_get_positions_and_the_flops_are_counted():
     ("override", "message"),
     [
         ("model.net.caption_projection_dim=32", "caption_projection_dim=32 must equal"),
-        ("model.net.pos_embed_max_size=2", "pos_embed_max_size=2 patches of 2 cover latents up"),
+        ("model.net.pos_embed_max_size=2", "pos_embed_max_size=2 patches of 1 cover latents up"),
         ("model.net.pooled_projection_dim=16", "pooled_projection_dim=16: the pooled text vector"),
         ("model.net.joint_attention_dim=16", "joint_attention_dim=16 does not match the text"),
         ("model.net.in_channels=3", "in_channels=3 does not match the VAE's latent channels"),

@@ -46,13 +46,16 @@ def flow_unet(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
 
 @pytest.fixture(scope="module")
 def transformer(tmp_path_factory, tiny_overrides, unet_overrides) -> tuple:
-    """(stage, export): the dit_tiny transformer (flow) trained 2 steps, 2 blocks."""
+    """(stage, export): the dit_tiny transformer (flow) trained 2 steps, 2 blocks, on 2x2 patches
+    (the preset's are 1x1: any latent size is whole patches; 2x2 ones show the refusal of a size
+    that is not)."""
     return train_tiny_unet(
         tmp_path_factory.mktemp("dit"),
         tiny_overrides,
         unet_overrides,
         "model=unet/dit_tiny",
         "model.net.num_layers=2",
+        "model.net.patch_size=2",
     )
 
 
