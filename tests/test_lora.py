@@ -6,6 +6,7 @@ work; DreamBooth's class images and their loss weight."""
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import safetensors.torch
 import torch
 import transformers.integrations.peft
 from conftest import QUICK_SAMPLES, tiny_sd_pipeline
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from test_diffusers_export import PROMPTS, diffusers_images
@@ -305,6 +306,49 @@ def test_what_cannot_work_is_one_line_each(make_cfg):
     for state in ({"net.a.weight": 0}, {"net.a.lora_A.weight": 0, "net.b.lora_A.weight": 0}):
         with pytest.raises(UserError, match="resume with the adapter settings"):
             check_adapter_state(state, names, known)
+
+
+def adapted_layers(net: torch.nn.Module) -> set[str]:
+    """Which projections of which attention peft put an adapter beside: {"attn2.to_k", ...}."""
+    names = [name for name, _ in net.named_modules() if name.endswith(".lora_A")]
+    return {
+        re.search(r"(attn\d?)\.(.+)\.lora_A$", name).group(0)[: -len(".lora_A")] for name in names
+    }
+
+
+def tiny_sd3() -> SD3Transformer2DModel:
+    sizes = dict(joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16)
+    return SD3Transformer2DModel(
+        sample_size=4, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, pos_embed_max_size=8, **sizes,
+    )  # fmt: skip
+
+
+UNET_ATTENTION = {
+    f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")
+}
+SD3_ATTENTION = {f"attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")} | {
+    f"attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+}
+
+
+@pytest.mark.parametrize(
+    ("targets", "unet", "sd3"),
+    [
+        (None, UNET_ATTENTION, SD3_ATTENTION),
+        ("cross_kv", {"attn2.to_k", "attn2.to_v"}, {"attn.add_k_proj", "attn.add_v_proj"}),
+        (["to_q"], {"attn1.to_q", "attn2.to_q"}, {"attn.to_q"}),
+    ],
+)
+def test_target_module_sets_name_the_layers_of_each_network(targets, unet, sd3):
+    for net, expected in ((tiny_sd_pipeline().unet, unet), (tiny_sd3(), sd3)):
+        LoraAdapter(target_modules=targets).attach(net, "base", Conditioning())
+        assert adapted_layers(net) == expected
+
+
+def test_an_unknown_target_set_lists_the_sets():
+    with pytest.raises(UserError, match="choose attention, cross_kv or list module names"):
+        LoraAdapter(target_modules="cross").attach(tiny_sd3(), "base", Conditioning())
 
 
 def test_class_images_weigh_apart_and_sum_to_the_plain_loss(class_shards):

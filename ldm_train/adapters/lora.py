@@ -9,7 +9,7 @@ from model.pretrained (and stage.text_encoder), and never enter a checkpoint or 
 
 The denoiser takes the adapter through diffusers' own support (ModelMixin.add_adapter with a peft
 LoraConfig): any diffusers model that has it works, with default target modules per network kind
-(DENOISER_TARGETS) or adapter.target_modules. The text encoder must be a transformers CLIPTextModel
+(TARGET_SETS: attention, or cross_kv) or adapter.target_modules. The text encoder must be a transformers CLIPTextModel
 (an export's or SD 1.x's text_encoder/); peft injects into it directly.
 """
 
@@ -28,14 +28,24 @@ from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import save_lora
 from ldm_train.rules import Int, Real, Rule
 
-# The attention projections diffusers' LoRA examples adapt: train_dreambooth_lora.py (U-Net) and
-# train_dreambooth_lora_sd3.py (the MMDiT, whose joint attention also projects the text stream).
-DENOISER_TARGETS: dict[str, tuple[str, ...]] = {
-    "UNet2DConditionModel": ("to_q", "to_k", "to_v", "to_out.0"),
-    "SD3Transformer2DModel": (
-        *("to_q", "to_k", "to_v", "to_out.0"),
-        *("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-    ),
+# Named sets of target modules per network kind (adapter.target_modules=<name>; null: attention).
+# attention: the projections diffusers' LoRA examples adapt, train_dreambooth_lora.py (U-Net) and
+#   train_dreambooth_lora_sd3.py (the MMDiT, whose joint attention also projects the text stream);
+# cross_kv: only where the text enters, the keys and values made from its hidden states (Custom
+#   Diffusion, Kumari et al. 2023): a new word learns what to draw while prompts without it change
+#   least (README "Adapt a model with LoRA" measures both).
+TARGET_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "attention": {
+        "UNet2DConditionModel": ("to_q", "to_k", "to_v", "to_out.0"),
+        "SD3Transformer2DModel": (
+            *("to_q", "to_k", "to_v", "to_out.0"),
+            *("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        ),
+    },
+    "cross_kv": {
+        "UNet2DConditionModel": ("attn2.to_k", "attn2.to_v"),
+        "SD3Transformer2DModel": ("add_k_proj", "add_v_proj"),
+    },
 }
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPTextModel's attention
 # adapter.<key>'s values (the config's schema checks them before a run; the dataclass again when
@@ -55,7 +65,7 @@ class LoraAdapter:
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: Sequence[str] | None = None  # None: DENOISER_TARGETS of the net's kind
+    target_modules: Sequence[str] | str | None = None  # a TARGET_SETS name; None: attention
     text_encoder: bool = False
     text_encoder_modules: Sequence[str] | None = None  # None: TEXT_TARGETS
     text_encoder_lr: float | None = None  # None: the optimizer's (model.lr)
@@ -76,15 +86,23 @@ class LoraAdapter:
         )
 
     def denoiser_targets(self, net: torch.nn.Module) -> list[str]:
-        if self.target_modules:
-            return list(self.target_modules)
-        kind = type(net).__name__
-        if kind not in DENOISER_TARGETS:
+        """adapter.target_modules: module names as given, or a TARGET_SETS name for the net's kind
+        (None: attention)."""
+        targets = self.target_modules or "attention"
+        if not isinstance(targets, str):
+            return list(targets)
+        if targets not in TARGET_SETS:
             raise UserError(
-                f"adapter=lora has no default target modules for a {kind}: set "
+                f"adapter.target_modules={targets}: not a set of target modules; choose "
+                f"{', '.join(TARGET_SETS)} or list module names (e.g. [to_q,to_k,to_v])"
+            )
+        kind = type(net).__name__
+        if kind not in TARGET_SETS[targets]:
+            raise UserError(
+                f"adapter=lora has no {targets} target modules for a {kind}: set "
                 "adapter.target_modules (names of its Linear/Conv layers, e.g. [to_q,to_k,to_v])"
             )
-        return list(DENOISER_TARGETS[kind])
+        return list(TARGET_SETS[targets][kind])
 
     def attach(
         self, net: torch.nn.Module, base: str | None, conditioning: Conditioning
