@@ -355,7 +355,10 @@ def free_port() -> int:
 
 def test_ddp_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path: Path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    # Forked: the children start with this worker's imports instead of importing torch again.
+    mp.start_processes(
+        ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="fork"
+    )
     results = torch.load(out, weights_only=False)
     batch = shapes_batch(8)
     for options, (rank_losses, ddp_grads) in results.items():

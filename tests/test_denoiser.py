@@ -49,7 +49,7 @@ def test_the_sd3_medium_preset_is_sd3_mediums_size():
 def test_buckets_get_positions_and_the_flops_are_counted():
     sizes = Sizes(channels=4, context_width=32, latent_side=8, max_latent_side=12)
     net = build_denoiser(preset("dit_tiny", "model.net.num_layers=1"), sizes)
-    assert net.config.pos_embed_max_size == 12
+    assert net.config.pos_embed_max_size == 24  # twice 12 / 1 patches
     out = net(
         hidden_states=torch.randn(2, 4, 12, 8),
         timestep=torch.tensor([10.0, 900.0]),

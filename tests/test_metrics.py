@@ -288,7 +288,7 @@ def ddp_worker(rank: int, rendezvous: str, clip_dir: Path, data: dict, out: Path
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned processes import torch, open_clip, diffusers: ~30 s on 2 cores
+@pytest.mark.slow  # two DDP processes (forked: they start with this one's imports)
 def test_metrics_are_the_same_on_one_and_two_ddp_processes(clip_dir, val_set, tmp_path):
     data = {
         "reference": val_set.images[:32],
@@ -301,7 +301,7 @@ def test_metrics_are_the_same_on_one_and_two_ddp_processes(clip_dir, val_set, tm
     metrics.update(data["generated"], data["prompts"], data["labels"])
     alone = {k: float(v) for k, v in metrics.compute().items()}
     args = (str(tmp_path / "rendezvous"), clip_dir, data, tmp_path)
-    context = mp.spawn(ddp_worker, args=args, nprocs=2, join=False)
+    context = mp.start_processes(ddp_worker, args=args, nprocs=2, join=False, start_method="fork")
     for _ in range(30):  # a hung collective fails the test instead of the whole run
         if context.join(timeout=10):
             break
