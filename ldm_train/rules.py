@@ -170,14 +170,18 @@ class Text(Rule):
 
 @dataclass(frozen=True)
 class Texts(Rule):
-    """A string or a non-empty list of strings (shard URLs, keys)."""
+    """A string or a non-empty list of strings (shard URLs, keys); single=False: the list only."""
 
     null: bool = False
-    allowed = "a string or a non-empty list of strings"
+    single: bool = True
+
+    @property
+    def allowed(self) -> str:
+        return ("a string or " if self.single else "") + "a non-empty list of strings"
 
     def fits(self, value: Any) -> bool:
         if isinstance(value, str):
-            return bool(value.strip())
+            return self.single and bool(value.strip())
         return (
             isinstance(value, list | tuple) and bool(value) and all(Text().fits(v) for v in value)
         )

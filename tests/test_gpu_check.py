@@ -21,8 +21,8 @@ from ldm_train.train import validate
 # The smoke run the dry run below makes: the torchrun "nodes" path, the only one of the smokes'
 # launchers that the other smokes do not share. The others run the same code with other overrides
 # (trainer=fsdp, bf16, a resume), which test_every_smoke_run_composes_a_valid_config checks without
-# training; `make gpu-check ARGS=--dry` runs them all, and tests/test_distributed.py,
-# tests/test_ddp.py and tests/test_resume.py train those paths.
+# training; `make gpu-check ARGS=--dry` runs them all. Those paths train in tests/test_distributed.py
+# (FSDP on 1 and 2 processes), tests/test_perf_switches.py (bf16) and tests/test_resume.py.
 DRY_SMOKE = "ddp-gloo"
 
 

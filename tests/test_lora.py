@@ -18,6 +18,7 @@ import transformers.integrations.peft
 from conftest import QUICK_SAMPLES, tiny_sd_pipeline
 from diffusers import SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
+from omegaconf import OmegaConf
 from PIL import Image
 from test_diffusers_export import PROMPTS, diffusers_images
 from transformers import CLIPTextModel
@@ -299,6 +300,8 @@ def test_what_cannot_work_is_one_line_each(make_cfg):
         LoraAdapter(dropout=1.0)
     with pytest.raises(UserError, match="adapter.alpha=0 must be a finite number > 0"):
         check_values(make_cfg("stage=unet", "adapter=lora", "adapter.alpha=0"))  # before a build
+    with pytest.raises(UserError, match="no cross_kv target modules for a Linear: set adapter"):
+        LoraAdapter(target_modules="cross_kv").denoiser_targets(torch.nn.Linear(2, 2))
     with pytest.raises(UserError, match="adapts stage=unet only"):
         train(make_cfg("stage=vae", "adapter=lora"))
     names, known = {"net.a.lora_A.weight"}, {"net.a.lora_A.weight", "net.a.weight"}
@@ -311,9 +314,7 @@ def test_what_cannot_work_is_one_line_each(make_cfg):
 def adapted_layers(net: torch.nn.Module) -> set[str]:
     """Which projections of which attention peft put an adapter beside: {"attn2.to_k", ...}."""
     names = [name for name, _ in net.named_modules() if name.endswith(".lora_A")]
-    return {
-        re.search(r"(attn\d?)\.(.+)\.lora_A$", name).group(0)[: -len(".lora_A")] for name in names
-    }
+    return {re.search(r"(attn\d?\..+)\.lora_A$", name).group(1) for name in names}
 
 
 def tiny_sd3() -> SD3Transformer2DModel:
@@ -346,9 +347,14 @@ def test_target_module_sets_name_the_layers_of_each_network(targets, unet, sd3):
         assert adapted_layers(net) == expected
 
 
-def test_an_unknown_target_set_lists_the_sets():
-    with pytest.raises(UserError, match="choose attention, cross_kv or list module names"):
-        LoraAdapter(target_modules="cross").attach(tiny_sd3(), "base", Conditioning())
+@pytest.mark.parametrize("value", ["cross", "[]", "3"])
+def test_a_wrong_target_set_is_one_line_before_anything_is_built(make_cfg, value):
+    cfg = make_cfg("stage=unet", "adapter=lora", f"adapter.target_modules={value}")
+    allowed = "must be one of: attention, cross_kv or a non-empty list of strings or null"
+    with pytest.raises(UserError, match=f"^adapter.target_modules=.* {allowed}$"):
+        check_values(cfg)
+    with pytest.raises(UserError, match=allowed):  # built from code
+        LoraAdapter(target_modules=OmegaConf.to_object(cfg.adapter)["target_modules"])
 
 
 def test_class_images_weigh_apart_and_sum_to_the_plain_loss(class_shards):

@@ -8,9 +8,10 @@ from model.pretrained (and stage.text_encoder), and never enter a checkpoint or 
     adapter.save(out_dir, net, text_model, base)          # formats/lora_file.py's folder
 
 The denoiser takes the adapter through diffusers' own support (ModelMixin.add_adapter with a peft
-LoraConfig): any diffusers model that has it works, with default target modules per network kind
-(TARGET_SETS: attention, or cross_kv) or adapter.target_modules. The text encoder must be a transformers CLIPTextModel
-(an export's or SD 1.x's text_encoder/); peft injects into it directly.
+LoraConfig): any diffusers model that has it works, with named sets of target modules per network
+kind (TARGET_SETS: attention, the default, or cross_kv) or adapter.target_modules as a list. The
+text encoder must be a transformers CLIPTextModel (an export's or SD 1.x's text_encoder/); peft
+injects into it directly.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ldm_train.diffusion.conditioning import Conditioning
 from ldm_train.diffusion.text_encoder import TransformersTextEncoder
 from ldm_train.errors import UserError
 from ldm_train.formats.lora_file import save_lora
-from ldm_train.rules import Int, Real, Rule
+from ldm_train.rules import Choice, Either, Int, Real, Rule, Texts
 
 # Named sets of target modules per network kind (adapter.target_modules=<name>; null: attention).
 # attention: the projections diffusers' LoRA examples adapt, train_dreambooth_lora.py (U-Net) and
@@ -55,6 +56,7 @@ ADAPTER_RULES: dict[str, Rule] = {
     "alpha": Real(0, low_open=True),  # the update is scaled by alpha / rank
     "dropout": Real(0, 1, high_open=True),
     "text_encoder_lr": Real(0, low_open=True, null=True),  # null: the optimizer's
+    "target_modules": Either((Choice(tuple(TARGET_SETS)), Texts(single=False)), null=True),
 }
 
 
@@ -88,14 +90,9 @@ class LoraAdapter:
     def denoiser_targets(self, net: torch.nn.Module) -> list[str]:
         """adapter.target_modules: module names as given, or a TARGET_SETS name for the net's kind
         (None: attention)."""
-        targets = self.target_modules or "attention"
+        targets = self.target_modules or "attention"  # a name or a list: ADAPTER_RULES
         if not isinstance(targets, str):
             return list(targets)
-        if targets not in TARGET_SETS:
-            raise UserError(
-                f"adapter.target_modules={targets}: not a set of target modules; choose "
-                f"{', '.join(TARGET_SETS)} or list module names (e.g. [to_q,to_k,to_v])"
-            )
         kind = type(net).__name__
         if kind not in TARGET_SETS[targets]:
             raise UserError(
