@@ -36,6 +36,17 @@ def test_dit_tiny_matches_the_demo_unets_parameter_count():
     assert abs(count(dit) / count(unet) - 1) < 0.05  # 1.03M vs 1.08M
 
 
+@pytest.mark.parametrize(
+    ("name", "timesteps"),
+    [("dit_tiny", "uniform"), ("dit_small", "logit_normal"), ("dit_sd3_medium", "logit_normal")],
+)
+def test_each_transformer_preset_draws_its_own_timesteps(name, timesteps):
+    # dit_tiny's uniform timesteps are for the 32 px shapes; the presets for real images inherit
+    # its net but keep SD3's logit-normal timesteps.
+    cfg = compose_config(["stage=unet", f"model=unet/{name}"])
+    assert cfg.stage.module.loss.timesteps == timesteps
+
+
 def test_the_sd3_medium_preset_is_sd3_mediums_size():
     """Built on the meta device (no memory) with SD3's own text widths: the 2B of SD3 Medium."""
     with torch.device("meta"):

@@ -337,6 +337,7 @@ SD3_ATTENTION = {f"attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")} | {
     ("targets", "unet", "sd3"),
     [
         (None, UNET_ATTENTION, SD3_ATTENTION),
+        ("attention", UNET_ATTENTION, SD3_ATTENTION),
         ("cross_kv", {"attn2.to_k", "attn2.to_v"}, {"attn.add_k_proj", "attn.add_v_proj"}),
         (["to_q"], {"attn1.to_q", "attn2.to_q"}, {"attn.to_q"}),
     ],
